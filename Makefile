@@ -1,0 +1,42 @@
+# Thin wrappers over the trtqwen CLI. `make demo` and `make test` are the two commands.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TRTQWEN := $(VENV)/bin/trtqwen
+STAMP := $(VENV)/.installed
+TINY := engines/tiny-qwen2
+export HF_HUB_DISABLE_TELEMETRY := 1
+export GRADIO_ANALYTICS_ENABLED := False
+
+.PHONY: install demo test lint clean help
+
+help:
+	@echo "make install  - .venv with everything trtqwen needs (CPU machine; see README for a 4090D box)"
+	@echo "make demo     - tiny Qwen2 → plan → build (checkpoint) ..."
+	@echo "make test     - the whole test suite"
+
+install: $(STAMP)
+
+# Re-run only when the dependency lists change: quick and idempotent otherwise.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade "pip>=24"
+	# torch first: this exact version is the CPU build on these machines; any other spec pulls CUDA wheels.
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[all]"
+	touch $(STAMP)
+
+demo: install
+	$(TRTQWEN) tiny --out $(TINY)
+	$(TRTQWEN) plan --precision int4 --gpu rtx4090d
+	$(TRTQWEN) plan --model $(TINY) --precision int4 --max-seq-len 4096
+
+test: install
+	$(PY) -m pytest -m "not perf and not gpu" $(PYTEST_ARGS)
+
+lint: install
+	$(PY) -m compileall -q trtqwen ui tests
+
+clean:
+	rm -rf $(TINY) model_repo/*/ .pytest_cache

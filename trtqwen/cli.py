@@ -1,0 +1,209 @@
+"""The `trtqwen` command line: each command parses its options, calls one function, prints."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from trtqwen.errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Build Qwen2.5 into TensorRT-LLM engines for RTX 4090D GPUs, package them for Triton, serve and test them.",
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err = Console(stderr=True)
+
+
+def fail(e: UserError) -> None:
+    err.print(f"[bold red]error:[/] {e.message}")
+    if e.hint:
+        err.print(f"  [yellow]→[/] {e.hint}")
+    raise typer.Exit(2)
+
+
+def not_yet(feature: str, issue: int) -> None:
+    err.print(f"[bold yellow]not available yet:[/] {feature} arrives with issue {issue} of this project.")
+    raise typer.Exit(3)
+
+
+def gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+@app.command()
+def plan(
+    model: Optional[Path] = typer.Option(None, "--model", help="HF config.json or model dir; default: built-in Qwen2.5-7B dims"),
+    gpu: str = typer.Option("rtx4090d", help="GPU profile: rtx4090d, rtx4090, l40s, a100-40g, a100-80g, h100, h200, custom"),
+    precision: str = typer.Option("int4_awq", "--precision", "-p", help="bf16, fp16, int8_sq (int8), int8_wo, int4_awq (int4), int4_wo, fp8"),
+    tp: int = typer.Option(1, help="tensor parallel size: 1, 2 or 4"),
+    kv_cache_dtype: str = typer.Option("auto", help="KV cache dtype: auto (bf16/fp16), int8, fp8"),
+    max_seq_len: int = typer.Option(4096, help="longest sequence (prompt + output) to plan for"),
+    max_batch_size: int = typer.Option(32, help="largest batch the engine accepts"),
+    prompt_len: int = typer.Option(1024, help="prompt length for the first-token estimate"),
+    max_num_tokens: int = typer.Option(8192, help="tokens per engine step (sizes the activation memory)"),
+    kv_fraction: Optional[float] = typer.Option(None, help="kv_cache_free_gpu_mem_fraction (default: 0.85 on 24 GB cards, else 0.9)"),
+    memory_gib: Optional[float] = typer.Option(None, help="custom GPU: memory in GiB"),
+    bandwidth_gbs: Optional[float] = typer.Option(None, help="custom GPU: memory bandwidth in GB/s"),
+    tflops: Optional[float] = typer.Option(None, help="custom GPU: dense FP16 tensor TFLOPS"),
+    as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
+):
+    """Memory and speed model: does it fit, how many users, how fast — before you build anything."""
+    from trtqwen import plan as planning
+
+    try:
+        p = planning.plan_from_options(model, gpu, precision, tp, kv_cache_dtype, max_seq_len, max_batch_size,
+                                       prompt_len, max_num_tokens, kv_fraction, memory_gib, bandwidth_gbs, tflops)
+    except UserError as e:
+        fail(e)
+    if as_json:
+        print(json.dumps(p.to_dict(), indent=2))
+    else:
+        console.print(planning.plan_table(p))
+    if not p.fits:
+        raise typer.Exit(1)
+
+
+@app.command()
+def tiny(
+    out: Path = typer.Option(Path("engines/tiny-qwen2"), "--out", "-o", help="directory to write the model to"),
+    preset: str = typer.Option("tiny", help="shape: tiny (default, ~80 MB) or tiny-tp (shards at TP 2 and 4)"),
+    seed: int = typer.Option(0, help="random seed for the weights"),
+    force: bool = typer.Option(False, help="overwrite an existing directory"),
+):
+    """Make the embedded default: a tiny Qwen2 (real architecture, real Qwen vocabulary, random weights)."""
+    from trtqwen.tiny import make_tiny
+
+    try:
+        path = make_tiny(out, preset=preset, seed=seed, force=force)
+    except UserError as e:
+        fail(e)
+    console.print(f"tiny Qwen2 model ({preset}, seed {seed}) at [bold]{path}[/]")
+
+
+@app.command()
+def build(
+    model: str = typer.Option(..., "--model", "-m", help="Hugging Face hub id (Qwen/Qwen2.5-7B-Instruct) or a local directory"),
+    precision: str = typer.Option("int4_awq", "--precision", "-p", help="bf16, fp16, int8_sq (int8), int8_wo, int4_awq (int4), int4_wo, fp8"),
+    tp: int = typer.Option(1, help="tensor parallel size: 1, 2 or 4"),
+    gpu: str = typer.Option("rtx4090d", help="GPU profile the engine is planned for"),
+    kv_cache_dtype: str = typer.Option("auto", help="KV cache dtype: auto, int8, fp8"),
+    max_batch_size: Optional[int] = typer.Option(None, help="default: from plan"),
+    max_input_len: Optional[int] = typer.Option(None, help="default: half of max_seq_len"),
+    max_seq_len: Optional[int] = typer.Option(None, help="default: 4096 (or the model's positions if fewer)"),
+    max_num_tokens: Optional[int] = typer.Option(None, help="default: 8192"),
+    calib_data: Optional[Path] = typer.Option(None, help="calibration texts (.jsonl with 'text' or .txt blocks); default: bundled set"),
+    calib_size: int = typer.Option(32, help="number of calibration samples"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="output directory (default engines/<name>-<precision>-tp<N>)"),
+    until: str = typer.Option("engine", help="stop after: fetch, checkpoint or engine"),
+    fmt: str = typer.Option("trtllm", "--format", help="checkpoint format: trtllm, hf (ModelOpt unified, for llmapi) or both"),
+    force: bool = typer.Option(False, help="redo stages even if their inputs are unchanged"),
+):
+    """HF checkpoint → quantized TensorRT-LLM checkpoint (TP shards) → engines, recorded in build.json."""
+    from trtqwen import build as build_mod
+
+    try:
+        result = build_mod.run_build(
+            model=model, precision=precision, tp=tp, gpu=gpu, kv_cache_dtype=kv_cache_dtype,
+            max_batch_size=max_batch_size, max_input_len=max_input_len, max_seq_len=max_seq_len,
+            max_num_tokens=max_num_tokens, calib_data=calib_data, calib_size=calib_size, out=out,
+            until=until, fmt=fmt, force=force, console=console,
+        )
+    except UserError as e:
+        fail(e)
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
+def package(build_dir: Path = typer.Argument(..., help="a build directory written by `trtqwen build`")):
+    """Write a Triton model repository (ensemble, preprocessing, tensorrt_llm, postprocessing, tensorrt_llm_bls)."""
+    not_yet("`package` (Triton model repository)", 5)
+
+
+@app.command()
+def serve(model_repo: Path = typer.Argument(Path("model_repo"), help="Triton model repository")):
+    """Run tritonserver on a model repository (one MPI rank per GPU for TP)."""
+    not_yet("`serve` (tritonserver launcher)", 5)
+
+
+@app.command()
+def chat(url: str = typer.Option("127.0.0.1:8001", help="Triton gRPC address")):
+    """Terminal chat that streams answers from the served model."""
+    not_yet("`chat` (terminal chat)", 6)
+
+
+@app.command()
+def ui(url: str = typer.Option("127.0.0.1:8001", help="Triton gRPC address")):
+    """Gradio web demo that streams answers (binds 127.0.0.1, never shared publicly by default)."""
+    not_yet("`ui` (Gradio web demo)", 7)
+
+
+@app.command()
+def smoke(url: str = typer.Option("127.0.0.1:8001", help="Triton gRPC address")):
+    """Smoke-test a served model: readiness, streaming, CJK, stop words, 5 concurrent users, bad requests."""
+    not_yet("`smoke` (smoke tests)", 6)
+
+
+@app.command()
+def bench(url: str = typer.Option("127.0.0.1:8001", help="Triton gRPC address")):
+    """Load-test a served model over a concurrency sweep; JSON, CSV and a PNG plot."""
+    not_yet("`bench` (benchmark)", 6)
+
+
+@app.command()
+def verify(checkpoint: Path = typer.Argument(..., help="a TensorRT-LLM checkpoint directory")):
+    """Compare a TensorRT-LLM checkpoint with its HF source: logits cosine, top-1 agreement, perplexity."""
+    not_yet("`verify` (reference runtime)", 4)
+
+
+@app.command()
+def doctor(as_json: bool = typer.Option(False, "--json", help="print the report as JSON")):
+    """What this machine has for the job: Python, torch/CUDA, GPUs, TensorRT-LLM, tritonserver, mpirun, disk."""
+    from trtqwen import doctor as doc
+
+    report = doc.collect()
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    t = Table(title="trtqwen doctor", show_header=False)
+    t.add_row("python", report["python"])
+    tr = report["torch"]
+    t.add_row("torch", f"{tr['version']} (CUDA build {tr['cuda_build']}, CUDA available: {tr['cuda_available']})"
+              if tr["installed"] else "[red]not installed[/]")
+    for g in report["gpus"] or [None]:
+        t.add_row("gpu", "[yellow]none found (no NVIDIA driver or GPU)[/]" if g is None else
+                  f"{g['index']}: {g['name']}, {g['memory_gib']} GiB, sm_{g['compute_capability'].replace('.', '')}"
+                  f" (profile: {g['profile'] or 'custom'})")
+    for key in ("tensorrt_llm", "tensorrt", "modelopt", "transformers", "tritonclient"):
+        t.add_row(key, report[key] or "[yellow]absent[/]")
+    t.add_row("tritonserver", ", ".join(report["tritonserver"]) or "[yellow]none found[/]")
+    t.add_row("mpirun", report["mpirun"] or "[yellow]absent[/]")
+    t.add_row("disk free", f"{report['disk_free_gb']} GB")
+    console.print(t)
+    v = Table(title="what you can run here")
+    v.add_column("capability")
+    v.add_column("here?")
+    v.add_column("needs")
+    for name, ok, why in doc.verdicts(report):
+        v.add_row(name, "[green]yes[/]" if ok else "[red]no[/]", why)
+    console.print(v)
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as e:  # a UserError escaping a command still gets a clean message
+        err.print(f"[bold red]error:[/] {e}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""`trtqwen build`: fetch → checkpoint (quantize + export, TP shards) → engine, recorded in build.json.
+
+Each stage writes into a temporary directory inside the build dir and renames it when complete, then
+updates the manifest atomically; a stage whose inputs are unchanged is skipped, so an interrupted build
+continues where it stopped and never leaves output that looks finished.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from trtqwen import __version__, hf
+from trtqwen.errors import UserError
+from trtqwen.hardware import get_profile
+from trtqwen.manifest import MANIFEST, dir_size, read_manifest, replace_dir, stage_key, tool_versions, write_json_atomic
+from trtqwen.plan import ModelDims, make_plan, recommended_max_batch_size, weight_bytes
+from trtqwen.spec import BuildSpec, default_output_dir, parse_kv_dtype, parse_precision
+
+STAGES = ("fetch", "checkpoint", "engine")
+FORMATS = ("trtllm", "hf", "both")
+
+
+@dataclass
+class BuildResult:
+    out: Path
+    manifest: dict
+    exit_code: int = 0
+
+
+def free_bytes(path: Path) -> int:
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def decide_spec(model: str, dims: ModelDims, precision, tp, gpu, kv_cache_dtype, max_batch_size, max_input_len,
+                max_seq_len, max_num_tokens, calib_data, calib_size) -> tuple[BuildSpec, object]:
+    """Fill what the user left out from `plan` for the chosen GPU; refuse a spec the plan says cannot fit."""
+    profile = get_profile(gpu)
+    precision, kv = parse_precision(precision), parse_kv_dtype(kv_cache_dtype)
+    seq = max_seq_len or min(4096, dims.max_position_embeddings)
+    num_tokens = max_num_tokens or 8192
+    first = make_plan(dims, profile, precision, tp, kv, seq, max_batch_size or 32, min(1024, seq), num_tokens)
+    batch = max_batch_size or recommended_max_batch_size(first)
+    plan = make_plan(dims, profile, precision, tp, kv, seq, batch, min(1024, seq), num_tokens, model_ref=model)
+    if not plan.fits:
+        raise UserError(f"this build does not fit a {profile.name}: {'; '.join(plan.reasons)}",
+                        f"see `trtqwen plan --precision {precision.value} --tp {tp} --gpu {profile.name}`; "
+                        "quantize further (int4), raise --tp, or lower --max-seq-len / --max-batch-size")
+    spec = BuildSpec(
+        model=model, precision=precision, tp=tp, gpu=profile.name, kv_cache_dtype=kv, max_batch_size=batch,
+        max_input_len=max_input_len or max(1, seq // 2), max_seq_len=seq, max_num_tokens=num_tokens,
+        calib_size=calib_size, calib_data=str(calib_data) if calib_data else None,
+    )
+    return spec, plan
+
+
+def check_output_dir(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is a file", "pick another --out")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file() and not force:
+        raise UserError(f"{out} exists and is not a trtqwen build directory", "pick another --out, or pass --force to use it anyway")
+
+
+def check_disk(out: Path, needed: float) -> None:
+    free = free_bytes(out)
+    if free < needed:
+        raise UserError(f"not enough disk at {out}: the build needs about {needed / 1e9:.1f} GB, {free / 1e9:.1f} GB is free",
+                        "free some space or pass --out on a larger disk")
+
+
+def clean_stale_temporaries(out: Path) -> None:
+    for p in out.glob(".tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def copy_tokenizer(src: Path, out: Path) -> Path:
+    dst = out / "tokenizer"
+    tmp = out / ".tmp-tokenizer"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in hf.TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, tmp / name)
+    replace_dir(tmp, dst)
+    return dst
+
+
+def run_build(*, model: str, precision="int4_awq", tp=1, gpu="rtx4090d", kv_cache_dtype="auto", max_batch_size=None,
+              max_input_len=None, max_seq_len=None, max_num_tokens=None, calib_data=None, calib_size=32, out=None,
+              until="engine", fmt="trtllm", force=False, console: Console | None = None) -> BuildResult:
+    console = console or Console()
+    if until not in STAGES:
+        raise UserError(f"unknown stage {until!r} for --until", f"use one of {', '.join(STAGES)}")
+    if fmt not in FORMATS:
+        raise UserError(f"unknown checkpoint format {fmt!r}", f"use one of {', '.join(FORMATS)}")
+    parse_precision(precision), parse_kv_dtype(kv_cache_dtype)  # fail on typos before any download
+    BuildSpec(model=model, precision=precision, tp=tp)
+    if calib_data is not None and not Path(calib_data).is_file():
+        raise UserError(f"calibration file {calib_data} does not exist", "pass a .jsonl (with a 'text' field) or .txt file")
+
+    # fetch: configs first, so the plan and the disk check come before gigabytes of download.
+    t0 = time.time()
+    hub = hf.is_hub_id(model)
+    if hub:
+        cfg_dir, _ = hf.fetch(model, patterns=["config.json"])
+        dims = ModelDims.from_config_file(cfg_dir)
+    else:
+        dims = ModelDims.from_config_file(hf.fetch(model)[0])
+    spec, plan = decide_spec(model, dims, precision, tp, gpu, kv_cache_dtype, max_batch_size, max_input_len,
+                             max_seq_len, max_num_tokens, calib_data, calib_size)
+    out = Path(out) if out else default_output_dir(spec)
+    check_output_dir(out, force)
+    ckpt_bytes = weight_bytes(dims, spec.precision) * (2 if fmt == "both" else 1)
+    check_disk(out, ckpt_bytes * (2 if until == "engine" else 1) * 1.1 + (weight_bytes(dims, parse_precision("bf16")) if hub else 0))
+    out.mkdir(parents=True, exist_ok=True)
+    clean_stale_temporaries(out)
+
+    src_path, revision = hf.fetch(model)
+    source = hf.validate(src_path, revision)
+    old = read_manifest(out) or {}
+    manifest = {
+        "trtqwen": __version__,
+        "spec": spec.to_dict(),
+        "plan": {k: plan.to_dict()[k] for k in ("kv_cache_free_gpu_mem_fraction", "kv_tokens", "concurrent_sequences",
+                                                 "weight_bytes_per_gpu", "predicted_peak_bytes_per_gpu",
+                                                 "decode_estimate_tok_s", "ttft_estimate_s")},
+        "source": {"model": model, "path": str(source.path.resolve()), "revision": revision, "dtype": source.dtype,
+                   "files": source.fingerprints, "model_type": source.config.get("model_type")},
+        "versions": tool_versions(),
+        "stages": {"fetch": {"seconds": round(time.time() - t0, 2), "hub": hub}},
+        "complete": False,
+    }
+    write_json_atomic(out / MANIFEST, manifest)
+    console.print(f"[bold]fetch[/] {model} → {source.path} ({len(source.weight_files)} weight file(s), {source.dtype})")
+    if until == "fetch":
+        return finish(out, manifest, console)
+
+    manifest["stages"]["checkpoint"] = checkpoint_stage(spec, source, out, fmt, force, old, console)
+    manifest["tokenizer_dir"] = "tokenizer"
+    copy_tokenizer(source.path, out)
+    write_json_atomic(out / MANIFEST, manifest)
+    if until == "checkpoint":
+        return finish(out, manifest, console)
+
+    manifest["stages"]["engine"] = engine_stage(spec, out, console)
+    return finish(out, manifest, console)
+
+
+def checkpoint_stage(spec: BuildSpec, source: hf.HfCheckpoint, out: Path, fmt: str, force: bool, old: dict, console) -> dict:
+    key = stage_key(spec.to_dict(), source.fingerprints, fmt)
+    prev = old.get("stages", {}).get("checkpoint", {})
+    wanted = [d for f, d in (("trtllm", "checkpoint"), ("hf", "hf_checkpoint")) if fmt in (f, "both")]
+    if not force and prev.get("key") == key and all((out / d / "config.json").is_file() for d in wanted):
+        console.print(f"[bold]checkpoint[/] unchanged inputs: reusing {', '.join(wanted)} (--force redoes it)")
+        return {**prev, "skipped": True}
+    from trtqwen import quantize  # heavy: torch, modelopt
+
+    t0 = time.time()
+    record: dict = {"key": key, "format": fmt}
+    with console.status(f"[bold]checkpoint[/] quantizing {spec.precision.value} and exporting TP {spec.tp} shards …"):
+        if fmt in ("trtllm", "both"):
+            info = quantize.export_checkpoint(source.path, spec, out / "checkpoint")
+            record.update(dir="checkpoint", info=info, bytes=dir_size(out / "checkpoint"),
+                          files=sorted(p.name for p in (out / "checkpoint").iterdir()))
+        if fmt in ("hf", "both"):
+            quantize.export_hf_checkpoint_dir(source.path, spec, out / "hf_checkpoint")
+            record.update(hf_dir="hf_checkpoint", hf_bytes=dir_size(out / "hf_checkpoint"))
+    record["seconds"] = round(time.time() - t0, 2)
+    console.print(f"[bold]checkpoint[/] {', '.join(wanted)} written in {record['seconds']:.1f} s")
+    return record
+
+
+def engine_stage(spec: BuildSpec, out: Path, console) -> dict:
+    from trtqwen import engine  # the one place that touches TensorRT-LLM
+
+    script = out / "build.sh"
+    script.write_text(engine.build_script(spec, Path("checkpoint"), Path("engine"), engine.TRTLLM_IMAGE))
+    script.chmod(0o755)
+    try:
+        t0 = time.time()
+        record = engine.run_engine_build(spec, out / "checkpoint", out / "engine", out / "engine_build.log")
+    except engine.EngineToolsMissing as e:
+        console.print(f"[yellow]engine[/] not built here: {e.message}")
+        console.print(f"  → on the 4090D box run [bold]{script}[/] (or the container command inside it)")
+        return {"status": "pending", "reason": e.message, "script": "build.sh"}
+    console.print(f"[bold]engine[/] built in {time.time() - t0:.0f} s → {out / 'engine'}")
+    return {"status": "built", "dir": "engine", "seconds": round(time.time() - t0, 2), "script": "build.sh", **record}
+
+
+def finish(out: Path, manifest: dict, console) -> BuildResult:
+    engine_rec = manifest["stages"].get("engine", {})
+    manifest["complete"] = engine_rec.get("status") != "pending"
+    write_json_atomic(out / MANIFEST, manifest)
+    console.print(f"build directory: [bold]{out}[/] (manifest: {out / MANIFEST})")
+    return BuildResult(out=out, manifest=manifest)

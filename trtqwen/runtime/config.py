@@ -1,0 +1,71 @@
+"""Model shape and quantization, read from either a TensorRT-LLM checkpoint or an HF config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trtqwen.errors import UserError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    quant_algo: str | None = None  # None = unquantized
+    kv_cache_quant_algo: str | None = None
+    group_size: int = 128
+    tp_size: int = 1
+    dtype: str = "bfloat16"
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @classmethod
+    def from_hf(cls, c: dict) -> "ModelConfig":
+        arch = (c.get("architectures") or ["?"])[0]
+        if arch != "Qwen2ForCausalLM":
+            raise UserError(f"checkpoint architecture is {arch}, not Qwen2ForCausalLM", "the reference runtime runs Qwen2 models")
+        rope = c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta") or 1e6
+        return cls(
+            vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], num_layers=c["num_hidden_layers"],
+            num_heads=c["num_attention_heads"], num_kv_heads=c.get("num_key_value_heads", c["num_attention_heads"]),
+            head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
+            intermediate_size=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=float(rope),
+            max_position_embeddings=c.get("max_position_embeddings", 32768),
+            dtype=str(c.get("torch_dtype") or c.get("dtype") or "bfloat16"),
+        )
+
+    @classmethod
+    def from_trtllm(cls, c: dict) -> "ModelConfig":
+        arch = c.get("architecture")
+        if arch != "Qwen2ForCausalLM":
+            raise UserError(f"TensorRT-LLM checkpoint architecture is {arch!r}, not Qwen2ForCausalLM",
+                            "the reference runtime runs Qwen2 checkpoints written by `trtqwen build`")
+        if "rotary_base" not in c:
+            raise UserError("checkpoint config.json has no rotary_base",
+                            "TensorRT-LLM would fall back to RoPE base 10000 and produce garbage: rebuild with `trtqwen build`")
+        q = c.get("quantization") or {}
+        mapping = c.get("mapping") or {}
+        return cls(
+            vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], num_layers=c["num_hidden_layers"],
+            num_heads=c["num_attention_heads"], num_kv_heads=c.get("num_key_value_heads", c["num_attention_heads"]),
+            head_dim=c.get("head_size") or c["hidden_size"] // c["num_attention_heads"],
+            intermediate_size=c["intermediate_size"], norm_eps=c.get("norm_epsilon", 1e-6),
+            rope_theta=float(c["rotary_base"]), max_position_embeddings=c.get("max_position_embeddings", 32768),
+            quant_algo=q.get("quant_algo"), kv_cache_quant_algo=q.get("kv_cache_quant_algo"),
+            group_size=q.get("group_size") or 128, tp_size=mapping.get("tp_size", mapping.get("world_size", 1)),
+            dtype=c.get("dtype", "bfloat16"),
+        )

@@ -1,0 +1,67 @@
+"""The few layers Qwen2 needs: a linear that knows the checkpoint's quantization, RMSNorm, rotary embedding."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+FP8_MAX = 448.0
+
+
+def fake_quant_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (x / scale).round().clamp(-128, 127) * scale
+
+
+def fake_quant_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(x.dtype) * scale
+
+
+class Linear(torch.nn.Module):
+    """y = quant(x · pre_quant_scale) Wᵀ + b, weights already dequantized on load.
+
+    Quantized activations (SmoothQuant INT8, FP8) are emulated with the checkpoint's static scales,
+    so the reference computes what the engine's quantized GEMM computes, to rounding.
+    """
+
+    def __init__(self, weight, bias=None, pre_quant_scale=None, act_quant: str | None = None, act_scale=None):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+        self.pre_quant_scale = pre_quant_scale
+        self.act_quant = act_quant
+        self.act_scale = act_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pre_quant_scale is not None:
+            x = x * self.pre_quant_scale
+        if self.act_quant == "int8":
+            x = fake_quant_int8(x, self.act_scale)
+        elif self.act_quant == "fp8":
+            x = fake_quant_fp8(x, self.act_scale)
+        return F.linear(x, self.weight, self.bias)
+
+    def _apply(self, fn, recurse=True):  # move the plain-tensor scales along with .to(device/dtype)
+        super()._apply(fn, recurse)
+        for name in ("pre_quant_scale", "act_scale"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, fn(t))
+        return self
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
+
+
+def rope_tables(head_dim: int, max_pos: int, theta: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim))
+    ang = torch.outer(torch.arange(max_pos, device=device, dtype=torch.float64), inv)
+    emb = torch.cat([ang, ang], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """GPT-NeoX rotary (rotate halves), as Qwen2 and TensorRT-LLM's rope_gpt_neox do."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin

@@ -1,0 +1,223 @@
+"""Find or prepare a tritonserver, launch it (mpirun for TP ranks), wait until ready, stop it cleanly."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trtqwen.errors import UserError
+
+SYSTEM_SERVER = Path("/opt/tritonserver")  # NVIDIA's Triton / TensorRT-LLM containers
+CACHE = Path(os.environ.get("TRTQWEN_CACHE", Path.home() / ".cache" / "trtqwen"))
+STATE_FILE = ".trtqwen-server.json"  # in the model repository: pid, ports, log of the running server
+
+
+@dataclass
+class TritonInstall:
+    kind: str  # "system" or "pytriton"
+    root: Path
+    env: dict = field(default_factory=dict)
+
+    @property
+    def binary(self) -> Path:
+        return self.root / "bin" / "tritonserver"
+
+    def describe(self) -> str:
+        where = "NVIDIA's container install" if self.kind == "system" else "the nvidia-pytriton wheel (CPU-capable)"
+        return f"{self.binary} ({where})"
+
+
+def _pytriton_dir() -> Path | None:
+    spec = importlib.util.find_spec("pytriton")
+    if not spec or not spec.submodule_search_locations:
+        return None
+    d = Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
+    return d if (d / "bin" / "tritonserver").is_file() else None
+
+
+def prepare_pytriton_server(src: Path, dest_root: Path = CACHE) -> TritonInstall:
+    """Copy the wheel's server into a directory of its own with the python backend stub where 2.51 looks for it."""
+    pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = src / "python_backend_stubs" / pyver / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise UserError(f"nvidia-pytriton has no python backend stub for Python {pyver}", "use Python 3.8–3.13")
+    dest = dest_root / f"tritonserver-pytriton-py{pyver}"
+    marker = dest / ".prepared"
+    if not marker.is_file() or marker.read_text() != str(src):
+        tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        for part in ("bin", "backends", "caches"):
+            shutil.copytree(src / part, tmp / part, symlinks=True)
+        shutil.copy2(stub, tmp / "backends" / "python" / "triton_python_backend_stub")
+        (tmp / ".prepared").write_text(str(src))
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, dest)
+    libs = src.parent.parent / "nvidia_pytriton.libs"
+    # The venv's libpython first (else the stub loads the system one under our stdlib), then the wheel's
+    # libraries (copied binaries lose their $ORIGIN rpath); the venv's bin first on PATH for the stub's sys.prefix.
+    env = {
+        "LD_LIBRARY_PATH": os.pathsep.join(p for p in [sysconfig.get_config_var("LIBDIR"), str(libs),
+                                                        os.environ.get("LD_LIBRARY_PATH", "")] if p),
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    }
+    return TritonInstall("pytriton", dest, env)
+
+
+def find_tritonserver() -> TritonInstall:
+    if (SYSTEM_SERVER / "bin" / "tritonserver").is_file():
+        return TritonInstall("system", SYSTEM_SERVER)
+    src = _pytriton_dir()
+    if src is None:
+        raise UserError("no tritonserver found (neither /opt/tritonserver nor the nvidia-pytriton wheel)",
+                        "run `make install` (installs nvidia-pytriton), or use NVIDIA's Triton container")
+    return prepare_pytriton_server(src)
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+def server_args(install: TritonInstall, repo: Path, host: str, http_port: int, grpc_port: int, metrics_port: int,
+                extra: list[str] | None = None) -> list[str]:
+    args = [
+        str(install.binary), f"--model-repository={repo.resolve()}",
+        f"--http-address={host}", f"--http-port={http_port}",
+        f"--grpc-address={host}", f"--grpc-port={grpc_port}",
+        f"--metrics-address={host}", f"--metrics-port={metrics_port}",
+        f"--backend-directory={install.root / 'backends'}",
+        "--log-verbose=0", "--disable-auto-complete-config",
+    ]
+    if install.kind == "pytriton":
+        args += [f"--cache-directory={install.root / 'caches'}", "--pinned-memory-pool-byte-size=0",
+                 "--allow-gpu-metrics=false"]
+    return args + (extra or [])
+
+
+def server_command(install: TritonInstall, repo: Path, host: str, http_port: int, grpc_port: int, metrics_port: int,
+                   world_size: int = 1) -> list[str]:
+    """One process, or for TP > 1 one per rank under mpirun as tensorrtllm_backend's launcher does."""
+    if world_size == 1:
+        return server_args(install, repo, host, http_port, grpc_port, metrics_port)
+    cmd = ["mpirun", "--allow-run-as-root"]
+    for rank in range(world_size):
+        # Rank 0 serves everything; other ranks load only tensorrt_llm and never listen for clients.
+        extra = [f"--backend-config=python,shm-region-prefix-name=prefix{rank}_"]
+        if rank:
+            extra += ["--model-control-mode=explicit", "--load-model=tensorrt_llm", "--allow-http=false",
+                      "--allow-grpc=false", "--allow-metrics=false"]
+        cmd += (["-n", "1"] + server_args(install, repo, host, http_port, grpc_port, metrics_port, extra)
+                + ([":"] if rank < world_size - 1 else []))
+    return cmd
+
+
+def _get(url: str, timeout: float = 2.0) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except (urllib.error.URLError, OSError):
+        return 0
+
+
+def wait_ready(proc: subprocess.Popen, base: str, models: list[str], log: Path, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise UserError(f"tritonserver exited with code {proc.returncode} before it was ready:\n{explain_log(log)}",
+                            f"full log: {log}")
+        if _get(f"{base}/v2/health/ready") == 200 and all(_get(f"{base}/v2/models/{m}/ready") == 200 for m in models):
+            return
+        time.sleep(0.25)
+    raise UserError(f"tritonserver was not ready within {timeout:.0f} s:\n{explain_log(log)}", f"full log: {log}")
+
+
+def explain_log(log: Path, lines: int = 25) -> str:
+    """The part of the server log that explains a failure: error lines first, else the tail."""
+    if not log.is_file():
+        return "(no log)"
+    text = log.read_text(errors="replace").splitlines()
+    errors = [l for l in text if l[:1] == "E" or "error" in l.lower() or "Traceback" in l or "failed" in l.lower()]
+    return "\n".join((errors or text)[-lines:])
+
+
+def start(repo: Path, models: list[str], host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 8001,
+          metrics_port: int = 8002, log: Path | None = None, world_size: int = 1, timeout: float = 180,
+          install: TritonInstall | None = None) -> dict:
+    """Start tritonserver in the background and wait for it and every model to be ready; returns its state."""
+    repo = Path(repo)
+    if not repo.is_dir():
+        raise UserError(f"no model repository at {repo}", "run `trtqwen package <build dir> --out model_repo` first")
+    for port in (http_port, grpc_port, metrics_port):
+        if not port_free(host, port):
+            raise UserError(f"port {port} on {host} is already in use",
+                            "stop what uses it (`trtqwen serve --stop`?) or pick other --http-port/--grpc-port/--metrics-port")
+    install = install or find_tritonserver()
+    log = Path(log) if log else repo / "tritonserver.log"
+    cmd = server_command(install, repo, host, http_port, grpc_port, metrics_port, world_size)
+    if world_size > 1 and not shutil.which("mpirun"):
+        raise UserError("tensor parallel serving needs mpirun", "install OpenMPI (it comes with NVIDIA's TensorRT-LLM container)")
+    env = {**os.environ, **install.env}
+    with log.open("w") as logf:
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base = f"http://{host}:{http_port}"
+    try:
+        wait_ready(proc, base, models, log, timeout)
+    except BaseException:
+        stop_process(proc.pid)
+        raise
+    state = {"pid": proc.pid, "host": host, "http_port": http_port, "grpc_port": grpc_port,
+             "metrics_port": metrics_port, "log": str(log.resolve()), "server": install.describe(), "command": cmd}
+    (repo / STATE_FILE).write_text(json.dumps(state, indent=2))
+    return state
+
+
+def stop_process(pid: int, timeout: float = 15) -> bool:
+    """SIGTERM the server's process group, SIGKILL it if it lingers; True if something was stopped."""
+    try:
+        pgid = os.getpgid(pid)
+    except ProcessLookupError:
+        return False
+    os.killpg(pgid, signal.SIGTERM)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        try:  # reap it if it is our child
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.1)
+    os.killpg(pgid, signal.SIGKILL)
+    return True
+
+
+def stop(repo: Path) -> dict | None:
+    state_path = Path(repo) / STATE_FILE
+    if not state_path.is_file():
+        return None
+    state = json.loads(state_path.read_text())
+    stop_process(state["pid"])
+    state_path.unlink(missing_ok=True)
+    return state

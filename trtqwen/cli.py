@@ -159,9 +159,37 @@ def bench(url: str = typer.Option("127.0.0.1:8001", help="Triton gRPC address"))
 
 
 @app.command()
-def verify(checkpoint: Path = typer.Argument(..., help="a TensorRT-LLM checkpoint directory")):
-    """Compare a TensorRT-LLM checkpoint with its HF source: logits cosine, top-1 agreement, perplexity."""
-    not_yet("`verify` (reference runtime)", 4)
+def verify(
+    checkpoint: Path = typer.Argument(..., help="a TensorRT-LLM checkpoint directory (e.g. engines/<build>/checkpoint)"),
+    against: Optional[Path] = typer.Option(None, help="HF model dir to compare with (default: the build's source)"),
+    prompts: Optional[Path] = typer.Option(None, help="prompts file: one per line, or .jsonl with 'text' (default: built-in mix)"),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda if available)"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+):
+    """Compare a TensorRT-LLM checkpoint with its HF source: logits cosine, max error, top-1 agreement, perplexity."""
+    from trtqwen.verify import verify as run_verify
+
+    try:
+        report = run_verify(checkpoint, against, prompts, device)
+    except UserError as e:
+        fail(e)
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        lim = report.thresholds
+        t = Table(title=f"verify {report.checkpoint} ({report.quant_algo or 'unquantized'}, TP {report.tp})")
+        for c in ("metric", "value", "threshold"):
+            t.add_column(c)
+        t.add_row("logits cosine (mean)", f"{report.cosine_mean:.6f}", f"≥ {lim['cosine_mean']}")
+        t.add_row("logits cosine (min)", f"{report.cosine_min:.6f}", "")
+        t.add_row("max abs error", f"{report.max_abs_error:.4g}", "")
+        t.add_row("top-1 agreement", f"{report.top1_agreement:.3f}", f"≥ {lim['top1_agreement']}")
+        t.add_row("perplexity (reference → checkpoint)", f"{report.ppl_reference:.3f} → {report.ppl_checkpoint:.3f}",
+                  f"ratio ≤ {lim['ppl_ratio']}")
+        console.print(t)
+        console.print("[green]PASS[/]" if report.passed else "[red]FAIL[/]: " + "; ".join(report.failures))
+    if not report.passed:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -63,5 +63,98 @@ def load_hf(path: Path, max_positions: int | None = None) -> Qwen2Model:
     return Qwen2Model(cfg, embed, layers, t["model.norm.weight"], lm_head, max_positions)
 
 
+def unpack_int4(packed: torch.Tensor, dim: int) -> torch.Tensor:
+    """Two signed 4-bit values per byte, low nibble first, packed along `dim` → int8 values."""
+    b = packed.view(torch.uint8).to(torch.int16)
+    lo, hi = b & 0x0F, (b >> 4) & 0x0F
+    lo, hi = torch.where(lo > 7, lo - 16, lo), torch.where(hi > 7, hi - 16, hi)
+    return torch.stack([lo, hi], dim=dim + 1).flatten(dim, dim + 1).to(torch.int8)
+
+
+def dequantize(t: dict[str, torch.Tensor], name: str, quant_algo: str | None, group_size: int) -> torch.Tensor:
+    """A TensorRT-LLM checkpoint linear's weight as float [out, in], whatever its storage."""
+    w = t[name + ".weight"]
+    if not quant_algo or w.is_floating_point() and w.dtype != torch.float8_e4m3fn:
+        return w.float()
+    scale = t.get(name + ".weights_scaling_factor")
+    if w.dtype == torch.float8_e4m3fn:  # FP8: per-tensor scale
+        return w.float() * scale.float()
+    if quant_algo in ("W4A16_AWQ", "W4A8_AWQ"):  # int4 packed along out: [out/2, in]; scales [out, in/group]
+        q = unpack_int4(w, 0).float()
+        return q * scale.float().repeat_interleave(group_size, dim=1)[:, : q.shape[1]]
+    if name + ".per_channel_scale" in t:  # TensorRT-LLM weight-only layout: [in, out(/2)], scale [out]
+        q = (unpack_int4(w, 1) if quant_algo == "W4A16" else w).float()
+        return (q * t[name + ".per_channel_scale"].float().view(1, -1)).t().contiguous()
+    if scale is not None:  # SmoothQuant / INT8: per-channel scale [out] or [out, 1]
+        return w.float() * scale.float().view(-1, 1)
+    raise UserError(f"{name}: cannot read weight of dtype {w.dtype} under quant_algo {quant_algo}")
+
+
+def _act(t: dict, name: str, quant_algo: str | None):
+    """(activation quantization kind, scale) the engine applies before this GEMM."""
+    s = t.get(name + ".activation_scaling_factor")
+    if s is None:
+        return None, None
+    return ("fp8" if quant_algo == "FP8" else "int8"), s.float().reshape(())
+
+
+def _rank_files(path: Path, cfg: dict) -> list[Path]:
+    world = (cfg.get("mapping") or {}).get("world_size", 1)
+    tp = (cfg.get("mapping") or {}).get("tp_size", world)
+    present = sorted(path.glob("rank*.safetensors"))
+    if len(present) != world:
+        raise UserError(f"{path}: config.json says world_size {world} (tp {tp}) but {len(present)} rank file(s) exist",
+                        "rebuild the checkpoint (`trtqwen build --force`) or copy the missing rank*.safetensors")
+    files = [path / f"rank{r}.safetensors" for r in range(world)]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise UserError(f"{path}: missing {', '.join(missing)}", "rebuild the checkpoint with `trtqwen build --force`")
+    return files
+
+
 def load_trtllm(path: Path, max_positions: int | None = None) -> Qwen2Model:
-    raise UserError("TensorRT-LLM checkpoints: not yet")
+    """Merge the TP shards of a TensorRT-LLM Qwen2 checkpoint: column-parallel along out, row-parallel along in."""
+    raw = json.loads((path / "config.json").read_text())
+    cfg = ModelConfig.from_trtllm(raw)
+    ranks = [read_safetensors([f]) for f in _rank_files(path, raw)]
+    qa, g = cfg.quant_algo, cfg.group_size
+    tp = len(ranks)
+
+    def column(name: str, split: list[int] | None = None) -> Linear:
+        ws = [dequantize(r, name, qa, g) for r in ranks]
+        bs = [r.get(name + ".bias") for r in ranks]
+        if split:  # fused qkv: each rank holds [q_r; k_r; v_r] → [q; k; v]
+            per = [s // tp for s in split]
+            ws = [torch.cat(parts) for parts in zip(*[w.split(per) for w in ws])]
+            bs = [torch.cat(parts) for parts in zip(*[b.float().split(per) for b in bs])] if bs[0] is not None else bs
+        w = torch.cat(ws)
+        b = torch.cat([x.float() for x in bs]) if bs[0] is not None else None
+        return _linear(name, w, b, [r.get(name + ".prequant_scaling_factor") for r in ranks][0])
+
+    def row(name: str) -> Linear:
+        w = torch.cat([dequantize(r, name, qa, g) for r in ranks], dim=1)
+        pre = [r.get(name + ".prequant_scaling_factor") for r in ranks]
+        return _linear(name, w, None, torch.cat(pre) if pre[0] is not None else None)
+
+    def _linear(name, w, b, pre) -> Linear:
+        kind, scale = _act(ranks[0], name, qa)
+        return Linear(w, b, None if pre is None else pre.float(), kind, scale)
+
+    layers = []
+    for i in range(cfg.num_layers):
+        p = f"transformer.layers.{i}."
+        kv = ranks[0].get(p + "attention.kv_cache_scaling_factor")
+        layers.append(LayerWeights(
+            ln1=ranks[0][p + "input_layernorm.weight"].float(),
+            qkv=column(p + "attention.qkv", [cfg.q_size, cfg.kv_size, cfg.kv_size]),
+            o=row(p + "attention.dense"),
+            ln2=ranks[0][p + "post_layernorm.weight"].float(),
+            gate=column(p + "mlp.fc"), up=column(p + "mlp.gate"), down=row(p + "mlp.proj"),
+            kv_scale=None if kv is None else kv.float().reshape(()),
+        ))
+    embeds = [r["transformer.vocab_embedding.weight"] for r in ranks]
+    split_vocab = tp > 1 and embeds[0].shape[0] < cfg.vocab_size  # use_parallel_embedding along the vocab
+    embed = (torch.cat(embeds) if split_vocab else embeds[0]).float()[: cfg.vocab_size]
+    lm_head = column("lm_head")
+    lm_head.weight.data = lm_head.weight.data[: cfg.vocab_size]  # vocab padded to a multiple of TP
+    return Qwen2Model(cfg, embed, layers, ranks[0]["transformer.ln_f.weight"].float(), lm_head, max_positions)

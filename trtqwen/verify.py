@@ -1,0 +1,165 @@
+"""`trtqwen verify`: does a TensorRT-LLM checkpoint compute what its HF source computes?
+
+Both run in the reference runtime on the same prompts; we compare next-token logits at every position.
+Thresholds differ by precision because quantization is meant to change the numbers a little (README).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from trtqwen.errors import UserError
+from trtqwen.manifest import read_manifest
+
+# Minimum mean cosine, minimum top-1 agreement, maximum perplexity ratio (checkpoint / HF), per quant_algo.
+THRESHOLDS: dict[str | None, tuple[float, float, float]] = {
+    None: (0.9999, 0.99, 1.01),  # bf16 / fp16: only rounding of the export dtype
+    "W8A16": (0.999, 0.95, 1.05),
+    "FP8": (0.99, 0.85, 1.15),
+    "W8A8_SQ_PER_CHANNEL": (0.99, 0.85, 1.15),
+    "W4A16_AWQ": (0.98, 0.75, 1.30),
+    "W4A16": (0.97, 0.70, 1.35),
+}
+KV_QUANT_PENALTY = 0.005  # INT8/FP8 KV cache costs a little more cosine
+
+DEFAULT_PROMPTS = [
+    "The quick brown fox jumps over the lazy dog. Large language models predict the next token from the previous ones, "
+    "and quantization trades a little accuracy for a lot of memory bandwidth.",
+    "人工智能正在改变我们的生活方式。大型语言模型可以回答问题、写代码、翻译文章，还能帮助我们学习新的知识。",
+    "def fibonacci(n: int) -> list[int]:\n    seq = [0, 1]\n    while len(seq) < n:\n        seq.append(seq[-1] + seq[-2])\n    return seq[:n]\n",
+    '{"model": "Qwen2.5-7B-Instruct", "precision": "int4_awq", "tp": 1, "max_batch_size": 32, "users": ["alice", "bob"]}',
+]
+
+
+@dataclass
+class PromptResult:
+    tokens: int
+    cosine_mean: float
+    cosine_min: float
+    max_abs_error: float
+    top1_agreement: float
+    ppl_reference: float
+    ppl_checkpoint: float
+
+
+@dataclass
+class VerifyReport:
+    checkpoint: str
+    against: str
+    quant_algo: str | None
+    kv_cache_quant_algo: str | None
+    tp: int
+    cosine_mean: float
+    cosine_min: float
+    max_abs_error: float
+    top1_agreement: float
+    ppl_reference: float
+    ppl_checkpoint: float
+    thresholds: dict
+    passed: bool
+    failures: list[str]
+    prompts: list[PromptResult]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def thresholds_for(quant_algo: str | None, kv_algo: str | None) -> dict:
+    if quant_algo not in THRESHOLDS:
+        raise UserError(f"no verification thresholds for quant_algo {quant_algo!r}",
+                        f"known: {', '.join(str(k) for k in THRESHOLDS)}")
+    cos, top1, ppl = THRESHOLDS[quant_algo]
+    if kv_algo:
+        cos -= KV_QUANT_PENALTY
+    return {"cosine_mean": cos, "top1_agreement": top1, "ppl_ratio": ppl}
+
+
+def perplexity(logits: torch.Tensor, tokens: torch.Tensor) -> float:
+    nll = torch.nn.functional.cross_entropy(logits[:-1].float(), tokens[1:].to(logits.device))
+    return math.exp(nll.item())
+
+
+def compare(ref_logits: torch.Tensor, ck_logits: torch.Tensor, tokens: torch.Tensor) -> PromptResult:
+    v = min(ref_logits.shape[-1], ck_logits.shape[-1])  # the checkpoint's vocab may be padded for TP
+    a, b = ref_logits[:, :v].float(), ck_logits[:, :v].float()
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    return PromptResult(
+        tokens=int(tokens.numel()), cosine_mean=cos.mean().item(), cosine_min=cos.min().item(),
+        max_abs_error=(a - b).abs().max().item(), top1_agreement=(a.argmax(-1) == b.argmax(-1)).float().mean().item(),
+        ppl_reference=perplexity(a, tokens), ppl_checkpoint=perplexity(b, tokens),
+    )
+
+
+def resolve_inputs(checkpoint: Path, against: Path | None) -> tuple[Path, Path]:
+    """--against defaults to the source recorded in the build manifest next to the checkpoint."""
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / "config.json").is_file():
+        raise UserError(f"{checkpoint} is not a TensorRT-LLM checkpoint (no config.json)",
+                        "pass the checkpoint/ directory of a `trtqwen build` output")
+    if against is None:
+        manifest = read_manifest(checkpoint.parent)
+        if not manifest:
+            raise UserError("no --against given and no build.json next to the checkpoint", "pass --against <HF model dir>")
+        against = Path(manifest["source"]["path"])
+    if not (Path(against) / "config.json").is_file():
+        raise UserError(f"--against {against} is not an HF model directory")
+    return checkpoint, Path(against)
+
+
+def load_prompts(path: Path | None) -> list[str]:
+    if path is None:
+        return DEFAULT_PROMPTS
+    if not Path(path).is_file():
+        raise UserError(f"prompts file {path} does not exist", "one prompt per line, or a .jsonl with a 'text' field")
+    lines = [l for l in Path(path).read_text().splitlines() if l.strip()]
+    prompts = [json.loads(l)["text"] if path.suffix == ".jsonl" else l for l in lines]
+    if not prompts:
+        raise UserError(f"prompts file {path} is empty")
+    return prompts
+
+
+def verify(checkpoint: Path, against: Path | None = None, prompts_file: Path | None = None, device: str | None = None) -> VerifyReport:
+    from transformers import AutoTokenizer
+
+    from trtqwen.runtime import load_model
+
+    checkpoint, against = resolve_inputs(checkpoint, against)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ck_cfg = json.loads((checkpoint / "config.json").read_text())
+    quant = ck_cfg.get("quantization") or {}
+    limits = thresholds_for(quant.get("quant_algo"), quant.get("kv_cache_quant_algo"))
+    tok = AutoTokenizer.from_pretrained(against, trust_remote_code=False)
+    reference = load_model(against, device=device, dtype=torch.float32)
+    candidate = load_model(checkpoint, device=device, dtype=torch.float32)
+    results = []
+    for text in load_prompts(prompts_file):
+        ids = torch.tensor(tok(text)["input_ids"][: reference.max_positions], dtype=torch.long)
+        if ids.numel() < 2:
+            continue
+        results.append(compare(reference.logits(ids), candidate.logits(ids), ids))
+    if not results:
+        raise UserError("no prompt had two or more tokens to compare")
+    w = [r.tokens for r in results]
+    avg = lambda f: sum(getattr(r, f) * n for r, n in zip(results, w)) / sum(w)  # noqa: E731
+    ppl_ref = math.exp(sum(math.log(r.ppl_reference) * n for r, n in zip(results, w)) / sum(w))
+    ppl_ck = math.exp(sum(math.log(r.ppl_checkpoint) * n for r, n in zip(results, w)) / sum(w))
+    report = VerifyReport(
+        checkpoint=str(checkpoint), against=str(against), quant_algo=quant.get("quant_algo"),
+        kv_cache_quant_algo=quant.get("kv_cache_quant_algo"), tp=(ck_cfg.get("mapping") or {}).get("tp_size", 1),
+        cosine_mean=avg("cosine_mean"), cosine_min=min(r.cosine_min for r in results),
+        max_abs_error=max(r.max_abs_error for r in results), top1_agreement=avg("top1_agreement"),
+        ppl_reference=ppl_ref, ppl_checkpoint=ppl_ck, thresholds=limits, passed=True, failures=[], prompts=results,
+    )
+    if report.cosine_mean < limits["cosine_mean"]:
+        report.failures.append(f"mean logits cosine {report.cosine_mean:.6f} < {limits['cosine_mean']}")
+    if report.top1_agreement < limits["top1_agreement"]:
+        report.failures.append(f"top-1 agreement {report.top1_agreement:.3f} < {limits['top1_agreement']}")
+    if ppl_ck / ppl_ref > limits["ppl_ratio"]:
+        report.failures.append(f"perplexity ratio {ppl_ck / ppl_ref:.3f} > {limits['ppl_ratio']}")
+    report.passed = not report.failures
+    return report

@@ -1,0 +1,77 @@
+"""The embedded default model: a tiny Qwen2 with the real architecture, the real Qwen vocabulary, random weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from trtqwen.errors import UserError
+from trtqwen.qwen_tokenizer import write_qwen_tokenizer
+
+COMMON = dict(
+    architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=151936,  # Qwen2.5's padding for small models
+    rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, hidden_act="silu",
+    max_position_embeddings=4096,  # enough for every test and the demo; keeps RoPE tables small
+    bos_token_id=151643, eos_token_id=151645, use_sliding_window=False, attention_dropout=0.0,
+)
+PRESETS: dict[str, dict] = {
+    # AWQ group 128 needs every row-parallel input dim to be a multiple of 128 (TP 1 here).
+    "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                 intermediate_size=384),
+    # Shards at TP 2 and 4 for AWQ (512/4 and 1536/4 are multiples of 128) and SmoothQuant (4 KV heads).
+    "tiny-tp": dict(hidden_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=128,
+                    intermediate_size=1536),
+}
+RECORD = "trtqwen_tiny.json"
+
+
+def _is_same(out: Path, record: dict) -> bool:
+    p = out / RECORD
+    return p.is_file() and json.loads(p.read_text()) == record and (out / "model.safetensors").is_file()
+
+
+def make_tiny(out: Path, preset: str = "tiny", seed: int = 0, dtype: str = "bfloat16", overrides: dict | None = None,
+              force: bool = False) -> Path:
+    """Write the tiny model to `out` (HF layout, safetensors); reuse it when it is already there."""
+    if preset not in PRESETS:
+        raise UserError(f"unknown tiny preset {preset!r}", f"use one of {', '.join(PRESETS)}")
+    if dtype not in ("bfloat16", "float16", "float32"):
+        raise UserError(f"unknown dtype {dtype!r}", "use bfloat16, float16 or float32")
+    out = Path(out)
+    record = {"preset": preset, "seed": seed, "dtype": dtype, "overrides": overrides or {}}
+    if out.exists() and not force:
+        if _is_same(out, record):
+            return out
+        if out.is_file() or any(out.iterdir()):
+            raise UserError(f"{out} already exists and is not this tiny model",
+                            "pass --force to overwrite it, or choose another --out")
+
+    import torch
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(**{**COMMON, **PRESETS[preset], **(overrides or {})}, torch_dtype=dtype)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():  # HF init zeroes biases: give q/k/v biases values so their handling is tested
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0.0, 0.02)
+    model = model.to(getattr(torch, dtype))
+
+    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        GenerationConfig(bos_token_id=151643, eos_token_id=[151645, 151643], pad_token_id=151643, do_sample=True,
+                         temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05).save_pretrained(tmp)
+        write_qwen_tokenizer(tmp, config.max_position_embeddings)
+        (tmp / RECORD).write_text(json.dumps(record))
+        if out.exists():
+            shutil.rmtree(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -71,10 +71,19 @@ def unpack_int4(packed: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.stack([lo, hi], dim=dim + 1).flatten(dim, dim + 1).to(torch.int8)
 
 
+def weight_only_roundtrip(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """What TensorRT-LLM does to 16-bit weights of a W8A16/W4A16 checkpoint at load: symmetric per-channel."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = (w.abs().amax(dim=1, keepdim=True) / qmax).clamp_min(1e-12)
+    return (w / scale).round().clamp(-qmax - 1, qmax) * scale
+
+
 def dequantize(t: dict[str, torch.Tensor], name: str, quant_algo: str | None, group_size: int) -> torch.Tensor:
     """A TensorRT-LLM checkpoint linear's weight as float [out, in], whatever its storage."""
     w = t[name + ".weight"]
-    if not quant_algo or w.is_floating_point() and w.dtype != torch.float8_e4m3fn:
+    if quant_algo in ("W8A16", "W4A16") and w.is_floating_point() and not name.startswith("lm_head"):
+        return weight_only_roundtrip(w.float(), 8 if quant_algo == "W8A16" else 4)
+    if not quant_algo or (w.is_floating_point() and w.dtype != torch.float8_e4m3fn):
         return w.float()
     scale = t.get(name + ".weights_scaling_factor")
     if w.dtype == torch.float8_e4m3fn:  # FP8: per-tensor scale

@@ -15,6 +15,7 @@ COMMON = dict(
     rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, hidden_act="silu",
     max_position_embeddings=4096,  # enough for every test and the demo; keeps RoPE tables small
     bos_token_id=151643, eos_token_id=151645, use_sliding_window=False, attention_dropout=0.0,
+    initializer_range=0.08,  # ≈ 1/√hidden: attention matters, so conversion bugs show in the logits
 )
 PRESETS: dict[str, dict] = {
     # AWQ group 128 needs every row-parallel input dim to be a multiple of 128 (TP 1 here).
@@ -22,7 +23,7 @@ PRESETS: dict[str, dict] = {
                  intermediate_size=384),
     # Shards at TP 2 and 4 for AWQ (512/4 and 1536/4 are multiples of 128) and SmoothQuant (4 KV heads).
     "tiny-tp": dict(hidden_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=128,
-                    intermediate_size=1536),
+                    intermediate_size=1536, initializer_range=0.04),
 }
 RECORD = "trtqwen_tiny.json"
 

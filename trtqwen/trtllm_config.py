@@ -71,7 +71,8 @@ def qwen_checkpoint_config(hf: dict, spec: BuildSpec, exported_quant: dict | Non
         "norm_epsilon": hf.get("rms_norm_eps", 1e-6),
         "position_embedding_type": "rope_gpt_neox",
         "max_position_embeddings": hf.get("max_position_embeddings", 32768),
-        "rotary_embedding_dim": None,
+        "rotary_embedding_dim": hf.get("head_dim") or hf["hidden_size"] // heads,  # PretrainedConfig: head_size × rotary_pct
+        "qk_layernorm": False,
         "use_parallel_embedding": parallel_embedding,
         "embedding_sharding_dim": 0,
         "share_embedding_table": False,
@@ -88,10 +89,12 @@ def qwen_checkpoint_config(hf: dict, spec: BuildSpec, exported_quant: dict | Non
         "disable_weight_only_quant_plugin": False,
         "use_logn_attn": False,
         "seq_length": hf.get("seq_length", 8192),
+        "num_labels": 1,
+        "moe_intermediate_size": 0,
+        "moe_shared_expert_intermediate_size": 0,
         "moe": {"num_experts": 0, "shared_expert_intermediate_size": 0, "top_k": 0, "normalization_mode": 0,
                 "sparse_mixer_epsilon": 0.01, "tp_mode": 0, "device_limited_n_group": 0,
                 "device_limited_topk_group": 0, "device_limited_routed_scaling_factor": 1.0},
         "mlp_only_layers": [],
         "decoder_sparse_step": 1,
-        "producer": {"name": "trtqwen", "version": "0.1.0"},
     }

@@ -13,7 +13,7 @@ export GRADIO_ANALYTICS_ENABLED := False
 
 help:
 	@echo "make install  - .venv with everything trtqwen needs (CPU machine; see README for a 4090D box)"
-	@echo "make demo     - tiny Qwen2 → plan → build (checkpoint) ..."
+	@echo "make demo     - tiny Qwen2 → plan → build (INT4-AWQ checkpoint + build.sh) → verify"
 	@echo "make test     - the whole test suite"
 
 install: $(STAMP)
@@ -27,10 +27,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[all]"
 	touch $(STAMP)
 
+BUILD := engines/tiny-qwen2-int4_awq-tp1
+
 demo: install
+	$(TRTQWEN) doctor
 	$(TRTQWEN) tiny --out $(TINY)
 	$(TRTQWEN) plan --precision int4 --gpu rtx4090d
-	$(TRTQWEN) plan --model $(TINY) --precision int4 --max-seq-len 4096
+	$(TRTQWEN) build --model $(TINY) --precision int4 --tp 1 --out $(BUILD)
+	$(TRTQWEN) verify $(BUILD)/checkpoint
 
 test: install
 	$(PY) -m pytest -m "not perf and not gpu" $(PYTEST_ARGS)
@@ -39,4 +43,4 @@ lint: install
 	$(PY) -m compileall -q trtqwen ui tests
 
 clean:
-	rm -rf $(TINY) model_repo/*/ .pytest_cache
+	rm -rf $(TINY) $(BUILD) model_repo/*/ .pytest_cache

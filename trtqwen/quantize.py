@@ -119,25 +119,34 @@ def _qwen_config_without_tensorrt_llm():
 def export_checkpoint(hf_dir: Path, spec: BuildSpec, out_dir: Path, progress=None) -> dict:
     """HF dir → TensorRT-LLM checkpoint in out_dir (written to a temporary dir, renamed when complete)."""
     import torch
-    from modelopt.torch.export.model_config_export import torch_to_tensorrt_llm_checkpoint
-    from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    say = progress or (lambda msg: None)
     hf = json.loads((Path(hf_dir) / "config.json").read_text())
     check_shardable(hf, spec)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     t0 = time.time()
     model = load_hf_model(Path(hf_dir), spec, device)
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=False) if modelopt_config(spec) else None
+    info = export_model(model, hf, tokenizer, spec, Path(out_dir), progress)
+    info["load_seconds"] = round(time.time() - t0 - info["quantize_seconds"] - info["export_seconds"], 2)
+    return info
+
+
+def export_model(model, hf: dict, tokenizer, spec: BuildSpec, out_dir: Path, progress=None) -> dict:
+    """Quantize an in-memory HF Qwen2 per spec and write its TensorRT-LLM checkpoint to out_dir."""
+    import torch
+    from modelopt.torch.export.model_config_export import torch_to_tensorrt_llm_checkpoint
+    from safetensors.torch import save_file
+
+    say = progress or (lambda msg: None)
+    check_shardable(hf, spec)
+    device = next(model.parameters()).device.type
     cfg = modelopt_config(spec)
     quant_seconds = 0.0
     if cfg is not None:
         say(f"calibrating {spec.precision.value} on {device} with {spec.calib_size} samples")
-        tokenizer = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=False)
         quant_seconds = calibrate(model, tokenizer, spec, cfg, device)
-    load_seconds = time.time() - t0 - quant_seconds
 
-    out_dir = Path(out_dir)
     tmp = out_dir.parent / f".tmp-{out_dir.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -161,16 +170,14 @@ def export_checkpoint(hf_dir: Path, spec: BuildSpec, out_dir: Path, progress=Non
         os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    files = sorted(p.name for p in out_dir.iterdir())
     return {
         "device": device,
         "quant_algo": config["quantization"]["quant_algo"],
         "kv_cache_quant_algo": config["quantization"]["kv_cache_quant_algo"],
-        "load_seconds": round(load_seconds, 2),
         "quantize_seconds": round(quant_seconds, 2),
         "export_seconds": round(time.time() - t1, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "files": files,
+        "files": sorted(p.name for p in out_dir.iterdir()),
         "weight_only_by_tensorrt_llm": spec.precision in WEIGHT_ONLY,
     }
 

@@ -151,3 +151,14 @@ def test_plan_refusal_blocks_the_build(tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps(big))
     r = run("--model", tmp_path / "m", "--precision", "bf16", "--out", tmp_path / "b")
     assert r.exit_code == 2 and "does not fit a rtx4090d" in r.output
+
+
+def test_format_both_writes_the_unified_hf_checkpoint_too(tiny_dir, tmp_path):
+    r = run("--model", tiny_dir, "--precision", "fp8", "--format", "both", "--until", "checkpoint", "--out", tmp_path / "b")
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "b" / "build.json").read_text())
+    assert m["stages"]["checkpoint"]["hf_dir"] == "hf_checkpoint" and m["stages"]["checkpoint"]["format"] == "both"
+    hf = tmp_path / "b" / "hf_checkpoint"
+    assert json.loads((hf / "hf_quant_config.json").read_text())["quantization"]["quant_algo"] == "FP8"
+    assert (hf / "model.safetensors").is_file() and (hf / "tokenizer.json").is_file()
+    assert (tmp_path / "b" / "checkpoint" / "rank0.safetensors").is_file()

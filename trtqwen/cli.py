@@ -123,15 +123,71 @@ def build(
 
 
 @app.command()
-def package(build_dir: Path = typer.Argument(..., help="a build directory written by `trtqwen build`")):
+def package(
+    build_dir: Path = typer.Argument(..., help="a build directory written by `trtqwen build`"),
+    out: Path = typer.Option(Path("model_repo"), "--out", "-o", help="model repository to write"),
+    runtime: str = typer.Option("torch", help="trtllm (engines, C++ backend, 4090D box), llmapi (TensorRT-LLM PyTorch backend) or torch (reference runtime, runs anywhere)"),
+    max_batch_size: Optional[int] = typer.Option(None, help="default: the build's"),
+    instances: int = typer.Option(1, help="model instances of tensorrt_llm (TP-1 copies on more GPUs)"),
+    kv_cache_free_gpu_mem_fraction: Optional[float] = typer.Option(None, help="default: from the build's plan"),
+    streaming: bool = typer.Option(True, "--streaming/--no-streaming", help="decoupled (streaming) models"),
+    force: bool = typer.Option(False, help="replace an existing repository"),
+):
     """Write a Triton model repository (ensemble, preprocessing, tensorrt_llm, postprocessing, tensorrt_llm_bls)."""
-    not_yet("`package` (Triton model repository)", 5)
+    from trtqwen.repo import generate_repo, read_record
+
+    try:
+        path = generate_repo(build_dir, out, runtime=runtime, max_batch_size=max_batch_size, instances=instances,
+                             kv_cache_free_gpu_mem_fraction=kv_cache_free_gpu_mem_fraction, streaming=streaming, force=force)
+    except UserError as e:
+        fail(e)
+    record = read_record(path)
+    console.print(f"model repository ({record['runtime']} runtime) at [bold]{path}[/]")
+    for note in record.get("notes", []):
+        console.print(f"  [yellow]note:[/] {note}")
+    console.print(f"serve it with: [bold]trtqwen serve {path}[/]")
 
 
 @app.command()
-def serve(model_repo: Path = typer.Argument(Path("model_repo"), help="Triton model repository")):
-    """Run tritonserver on a model repository (one MPI rank per GPU for TP)."""
-    not_yet("`serve` (tritonserver launcher)", 5)
+def serve(
+    model_repo: Path = typer.Argument(Path("model_repo"), help="Triton model repository written by `trtqwen package`"),
+    host: str = typer.Option("127.0.0.1", help="address to bind (127.0.0.1: this machine only)"),
+    http_port: int = typer.Option(8000, help="HTTP port"),
+    grpc_port: int = typer.Option(8001, help="gRPC port"),
+    metrics_port: int = typer.Option(8002, help="Prometheus metrics port"),
+    background: bool = typer.Option(False, help="return once the server is ready; stop it with --stop"),
+    log: Optional[Path] = typer.Option(None, help="server log (default: <model_repo>/tritonserver.log)"),
+    stop: bool = typer.Option(False, "--stop", help="stop the server started for this repository"),
+    print_command: bool = typer.Option(False, "--print-command", help="show the exact command (and the container one) and exit"),
+    timeout: float = typer.Option(300, help="seconds to wait for the server and every model to be ready"),
+):
+    """Run tritonserver on a model repository (one MPI rank per GPU for TP) and wait until it is ready."""
+    from trtqwen import server
+
+    try:
+        if stop:
+            state = server.stop(model_repo)
+            console.print(f"stopped tritonserver (pid {state['pid']})" if state else "no server was running for this repository")
+            return
+        if print_command:
+            for line in server.describe_commands(model_repo, host, http_port, grpc_port, metrics_port):
+                print(line)
+            return
+        state = server.serve_repo(model_repo, host, http_port, grpc_port, metrics_port, log, timeout)
+    except UserError as e:
+        fail(e)
+    console.print(f"tritonserver ready ({state['server']})\n  HTTP    http://{host}:{http_port}\n"
+                  f"  gRPC    {host}:{grpc_port}\n  metrics http://{host}:{metrics_port}/metrics\n  log     {state['log']}")
+    if background:
+        console.print(f"stop it with: [bold]trtqwen serve {model_repo} --stop[/]")
+        return
+    console.print("Ctrl-C stops it.")
+    try:
+        server.wait_until_exit(state["pid"])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop(model_repo)
 
 
 @app.command()

@@ -221,3 +221,56 @@ def stop(repo: Path) -> dict | None:
     stop_process(state["pid"])
     state_path.unlink(missing_ok=True)
     return state
+
+
+def _record(repo: Path) -> dict:
+    from trtqwen.repo import check_repo_servable
+
+    return check_repo_servable(repo)
+
+
+def serve_repo(repo: Path, host: str, http_port: int, grpc_port: int, metrics_port: int, log: Path | None,
+               timeout: float) -> dict:
+    """Check the repository's records (engine version vs serving one), then start and wait for every model."""
+    record = _record(repo)
+    plan = record.get("serve", {})
+    os.environ.update(plan.get("env", {}))
+    return start(repo, plan.get("models", []), host, http_port, grpc_port, metrics_port, log,
+                 plan.get("world_size", 1), timeout)
+
+
+def describe_commands(repo: Path, host: str, http_port: int, grpc_port: int, metrics_port: int) -> list[str]:
+    """The exact command `serve` would run here, and the container command for the 4090D box."""
+    import shlex
+
+    record = _record(repo)
+    world = record.get("serve", {}).get("world_size", 1)
+    install = find_tritonserver()
+    cmd = server_command(install, Path(repo), host, http_port, grpc_port, metrics_port, world)
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in install.env.items())
+    lines = [f"# here ({install.describe()}):", (env + " " if env else "") + " ".join(shlex.quote(c) for c in cmd)]
+    if record.get("runtime") == "trtllm":
+        from trtqwen.engine import TRTLLM_IMAGE
+
+        inner = server_command(TritonInstall("system", SYSTEM_SERVER), Path("/model_repo"), "0.0.0.0", http_port,
+                               grpc_port, metrics_port, world)
+        lines += ["# in the TensorRT-LLM container on the 4090D box:",
+                  f"docker run --rm --gpus all --ipc=host -p 127.0.0.1:{http_port}:{http_port} "
+                  f"-p 127.0.0.1:{grpc_port}:{grpc_port} -p 127.0.0.1:{metrics_port}:{metrics_port} "
+                  f"-v {Path(repo).resolve()}:/model_repo -v {record.get('build_dir')}:{record.get('build_dir')} "
+                  f"{TRTLLM_IMAGE} " + " ".join(shlex.quote(c) for c in inner)]
+    return lines
+
+
+def wait_until_exit(pid: int) -> None:
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
+        except ChildProcessError:
+            pass
+        time.sleep(0.5)

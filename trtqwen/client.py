@@ -1,0 +1,242 @@
+"""Streaming client for a tensorrtllm_backend-layout Triton deployment (ours, or NVIDIA's on a 4090D).
+
+gRPC streaming (and HTTP `generate_stream`), Qwen's ChatML template, Qwen's end/pad ids and stop words,
+and input names discovered from the served model's config, so deployments made by other tools work.
+Every request reports time to first token, inter-token gaps and token counts.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from trtqwen.errors import UserError
+
+IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+QWEN_END_ID, QWEN_PAD_ID = 151645, 151643
+DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
+# Canonical name → names it has had across tensorrtllm_backend versions (0.x first, 1.x renames after).
+INPUT_ALIASES = {
+    "seed": ["seed", "random_seed"],
+    "min_tokens": ["min_tokens", "min_length"],
+}
+INPUT_DTYPES = {
+    "text_input": "BYTES", "max_tokens": "INT32", "stop_words": "BYTES", "bad_words": "BYTES", "end_id": "INT32",
+    "pad_id": "INT32", "top_k": "INT32", "top_p": "FP32", "temperature": "FP32", "repetition_penalty": "FP32",
+    "presence_penalty": "FP32", "frequency_penalty": "FP32", "seed": "UINT64", "random_seed": "UINT64",
+    "min_tokens": "INT32", "min_length": "INT32", "stream": "BOOL", "beam_width": "INT32",
+    "exclude_input_in_output": "BOOL",
+}
+
+
+def chatml(messages: list[dict], system: str | None = DEFAULT_SYSTEM, add_generation_prompt: bool = True) -> str:
+    """Qwen2.5's chat format: <|im_start|>role\\ncontent<|im_end|>\\n …, ending with the assistant's turn."""
+    msgs = list(messages)
+    if system is not None and (not msgs or msgs[0].get("role") != "system"):
+        msgs.insert(0, {"role": "system", "content": system})
+    text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in msgs)
+    return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
+
+
+@dataclass
+class GenerationParams:
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 0.0
+    seed: int | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    min_tokens: int | None = None
+    stop_words: list[str] = field(default_factory=lambda: [IM_END, ENDOFTEXT])
+    end_id: int = QWEN_END_ID
+    pad_id: int = QWEN_PAD_ID
+
+
+@dataclass
+class Timing:
+    start: float
+    first_token: float | None = None
+    end: float | None = None
+    token_times: list[float] = field(default_factory=list)
+    output_tokens: int = 0
+    input_tokens: int | None = None
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.start
+
+    @property
+    def gaps(self) -> list[float]:
+        t = self.token_times
+        return [b - a for a, b in zip(t, t[1:])]
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """Decode rate after the first token (the per-user speed users feel)."""
+        if self.end is None or self.first_token is None or self.output_tokens < 2:
+            return None
+        return (self.output_tokens - 1) / max(self.end - self.first_token, 1e-9)
+
+
+@dataclass
+class Result:
+    text: str
+    timing: Timing
+    error: str | None = None
+
+
+class TritonLLMClient:
+    """Talks to `ensemble` or `tensorrt_llm_bls` (same text interface) over gRPC streams."""
+
+    def __init__(self, url: str = "127.0.0.1:8001", model: str = "ensemble", http_url: str | None = None,
+                 timeout: float = 5.0):
+        import tritonclient.grpc as grpcclient
+
+        self.url, self.model = url, model
+        self.http_url = http_url
+        self.grpc = grpcclient
+        try:
+            self.client = grpcclient.InferenceServerClient(url)
+            live = self.client.is_server_live(client_timeout=timeout)
+        except Exception as e:  # noqa: BLE001 - any transport failure means the same thing to a user
+            raise UserError(f"cannot reach a Triton server at {url} ({type(e).__name__})",
+                            "start one with `trtqwen serve` or pass --url host:grpc_port") from None
+        if not live:
+            raise UserError(f"Triton server at {url} is not live")
+        try:
+            cfg = self.client.get_model_config(model, as_json=True, client_timeout=timeout)["config"]
+        except Exception:  # noqa: BLE001
+            models = [m["name"] for m in self.client.get_model_repository_index(as_json=True).get("models", [])]
+            raise UserError(f"model {model!r} is not served at {url}", f"served models: {', '.join(models) or 'none'}") from None
+        self.inputs = {i["name"]: i for i in cfg.get("input", [])}
+        self.decoupled = bool(cfg.get("model_transaction_policy", {}).get("decoupled"))
+        self.parameters = {k: v.get("string_value") for k, v in cfg.get("parameters", {}).items()}
+
+    def input_name(self, canonical: str) -> str | None:
+        """The name this deployment uses for a canonical input (1.x renamed random_seed → seed, …)."""
+        for name in INPUT_ALIASES.get(canonical, [canonical]):
+            if name in self.inputs:
+                return name
+        return None
+
+    def ready(self) -> bool:
+        try:
+            return self.client.is_server_ready() and self.client.is_model_ready(self.model)
+        except Exception:  # noqa: BLE001
+            return False
+
+    def _inputs(self, prompt: str, p: GenerationParams, stream: bool):
+        values = {
+            "text_input": [prompt.encode("utf-8") if isinstance(prompt, str) else prompt],
+            "max_tokens": [p.max_tokens], "end_id": [p.end_id], "pad_id": [p.pad_id], "temperature": [p.temperature],
+            "top_k": [p.top_k], "top_p": [p.top_p], "stream": [stream],
+        }
+        if p.stop_words:
+            values["stop_words"] = [w.encode() for w in p.stop_words]
+        optional = {"seed": p.seed, "min_tokens": p.min_tokens, "repetition_penalty": p.repetition_penalty,
+                    "presence_penalty": p.presence_penalty, "frequency_penalty": p.frequency_penalty}
+        values.update({k: [v] for k, v in optional.items() if v is not None})
+        tensors = []
+        for canonical, val in values.items():
+            name = self.input_name(canonical)
+            if name is None:
+                continue  # this deployment does not take it
+            dtype = INPUT_DTYPES[name]
+            arr = np.array([val], dtype=object if dtype == "BYTES" else {
+                "INT32": np.int32, "FP32": np.float32, "UINT64": np.uint64, "BOOL": bool}[dtype])
+            t = self.grpc.InferInput(name, list(arr.shape), dtype)
+            t.set_data_from_numpy(arr)
+            tensors.append(t)
+        return tensors
+
+    def stream(self, prompt: str, params: GenerationParams | None = None, cancel: threading.Event | None = None
+               ) -> Iterator[tuple[str, Timing]]:
+        """Yield (text delta, timing so far) as tokens arrive; raises UserError on a server error."""
+        params = params or GenerationParams()
+        timing = Timing(start=time.perf_counter())
+        events: queue.Queue = queue.Queue()
+        client = self.grpc.InferenceServerClient(self.url)  # a stream per request: concurrent users don't share one
+        client.start_stream(callback=lambda result, error: events.put((result, error)))
+        try:
+            client.async_stream_infer(self.model, self._inputs(prompt, params, True), enable_empty_final_response=True)
+            while True:
+                if cancel is not None and cancel.is_set():
+                    break  # closing the stream cancels the request on the server
+                try:
+                    result, error = events.get(timeout=0.05 if cancel is not None else 600)
+                except queue.Empty:
+                    continue
+                if error is not None:
+                    raise UserError(f"server error: {error.message() if hasattr(error, 'message') else error}")
+                resp = result.get_response()
+                final = resp.parameters.get("triton_final_response")
+                out = result.as_numpy("text_output")
+                if out is not None and out.size:
+                    now = time.perf_counter()
+                    delta = b"".join(x if isinstance(x, bytes) else str(x).encode() for x in out.ravel()).decode("utf-8", "replace")
+                    if delta:
+                        timing.first_token = timing.first_token or now
+                        timing.token_times.append(now)
+                        timing.output_tokens += self._tokens_in(result, 1)
+                        yield delta, timing
+                if final is not None and final.bool_param:
+                    break
+        finally:
+            timing.end = time.perf_counter()
+            client.stop_stream(cancel_requests=True)
+            client.close()
+
+    @staticmethod
+    def _tokens_in(result, default: int) -> int:
+        n = result.as_numpy("num_output_tokens") if hasattr(result, "as_numpy") else None
+        try:
+            return int(n.ravel()[0]) if n is not None and n.size else default
+        except Exception:  # noqa: BLE001
+            return default
+
+    def generate(self, prompt: str, params: GenerationParams | None = None) -> Result:
+        pieces, timing = [], None
+        for delta, timing in self.stream(prompt, params):
+            pieces.append(delta)
+        if timing is None:  # no tokens at all (e.g. immediate end_id)
+            timing = Timing(start=time.perf_counter(), end=time.perf_counter())
+        return Result("".join(pieces), timing)
+
+    def chat(self, messages: list[dict], params: GenerationParams | None = None, system: str | None = DEFAULT_SYSTEM):
+        return self.stream(chatml(messages, system), params)
+
+
+def http_generate_stream(http_url: str, model: str, prompt: str, params: GenerationParams | None = None,
+                         timeout: float = 600) -> Iterator[str]:
+    """POST /v2/models/<model>/generate_stream (SSE) → text deltas; raises UserError on an error event."""
+    p = params or GenerationParams()
+    body = {"text_input": prompt, "max_tokens": p.max_tokens, "end_id": p.end_id, "pad_id": p.pad_id,
+            "temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p, "stream": True,
+            "stop_words": p.stop_words}
+    req = urllib.request.Request(f"http://{http_url}/v2/models/{model}/generate_stream", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            for raw in resp:
+                line = raw.decode("utf-8").strip()
+                if not line.startswith("data:"):
+                    continue
+                event = json.loads(line[5:])
+                if "error" in event:
+                    raise UserError(f"server error: {event['error']}")
+                yield event.get("text_output", "")
+    except urllib.error.HTTPError as e:
+        raise UserError(f"server error {e.code}: {e.read().decode(errors='replace')}") from None
+    except urllib.error.URLError as e:
+        raise UserError(f"cannot reach {http_url}: {e.reason}", "check --http-url and that the server runs") from None

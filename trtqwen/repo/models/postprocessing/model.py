@@ -1,0 +1,38 @@
+"""`postprocessing`: token ids → text, one response at a time (stateless, as tensorrtllm_backend's is).
+
+Streamed CJK stays clean in the ensemble because the torch runtime's `tensorrt_llm` sends token groups that
+end on a character boundary; the C++ backend sends single tokens, so with it use `tensorrt_llm_bls`
+(accumulate_tokens), which detokenizes incrementally.
+"""
+
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from transformers import AutoTokenizer
+from trtqwen_text import as_bool, config_param
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        cfg = json.loads(args["model_config"])
+        self.tokenizer = AutoTokenizer.from_pretrained(config_param(cfg, "tokenizer_dir"), trust_remote_code=False)
+        self.skip_special_tokens = as_bool(config_param(cfg, "skip_special_tokens"), True)
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                tokens = pb_utils.get_input_tensor_by_name(request, "TOKENS_BATCH").as_numpy()
+                lengths = pb_utils.get_input_tensor_by_name(request, "SEQUENCE_LENGTH").as_numpy()
+                if tokens.ndim != 3:  # [batch, beam, tokens] as tensorrt_llm sends them; tolerate [batch, tokens]
+                    tokens = tokens.reshape(1, 1, -1) if tokens.ndim < 2 else tokens[:, None, :]
+                lengths = lengths.reshape(tokens.shape[0], tokens.shape[1])
+                seqs = [tokens[b, k, : int(lengths[b, k])].tolist()
+                        for b in range(tokens.shape[0]) for k in range(tokens.shape[1])]
+                texts = self.tokenizer.batch_decode(seqs, skip_special_tokens=self.skip_special_tokens)
+                out = np.array([t.encode("utf-8") for t in texts], dtype=np.object_).reshape(tokens.shape[0], -1)
+                responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("OUTPUT", out)]))
+            except Exception as e:  # noqa: BLE001
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"postprocessing: {e}")))
+        return responses

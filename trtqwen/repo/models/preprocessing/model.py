@@ -1,0 +1,75 @@
+"""`preprocessing`: text → token ids, stop/bad words → TensorRT-LLM's [2, -1] word lists, end/pad ids.
+
+Tokenizer from the build's tokenizer dir (no remote code). No chat template is applied: clients send the
+ChatML prompt (FACTS §5). end_id/pad_id default to Qwen's <|im_end|>/<|endoftext|> as found in the tokenizer.
+"""
+
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from transformers import AutoTokenizer
+from trtqwen_text import as_bool, config_param, to_word_list_format, utf8, words_of
+
+
+def _array(request, name):
+    t = pb_utils.get_input_tensor_by_name(request, name)
+    return None if t is None else t.as_numpy()
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        cfg = json.loads(args["model_config"])
+        self.tokenizer = AutoTokenizer.from_pretrained(config_param(cfg, "tokenizer_dir"), trust_remote_code=False)
+        self.add_special_tokens = as_bool(config_param(cfg, "add_special_tokens"), False)
+        eos = self.tokenizer.eos_token_id
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
+        self.end_id = int(config_param(cfg, "end_id", str(eos)))
+        self.pad_id = int(config_param(cfg, "pad_id", str(pad)))
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                responses.append(self._one(request))
+            except Exception as e:  # noqa: BLE001 - the client's mistake, answered as this request's error
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))))
+        return responses
+
+    def _one(self, request):
+        queries = _array(request, "QUERY")
+        texts = [utf8(q) for q in queries.reshape(queries.shape[0], -1)[:, 0]] if queries is not None else []
+        if not texts or any(not t for t in texts):
+            raise ValueError("text_input is empty: send a prompt")
+        ids = [self.tokenizer.encode(t, add_special_tokens=self.add_special_tokens) for t in texts]
+        if any(not x for x in ids):
+            raise ValueError("text_input tokenizes to nothing: send a prompt")
+        batch = len(ids)
+        width = max(len(x) for x in ids)
+        input_ids = np.full((batch, width), self.pad_id, dtype=np.int32)
+        for i, x in enumerate(ids):
+            input_ids[i, : len(x)] = x
+        lengths = np.array([[len(x)] for x in ids], dtype=np.int32)
+
+        def per_request(name, default):
+            a = _array(request, name)
+            return (np.full((batch, 1), default, dtype=np.int32) if a is None or a.size == 0
+                    else a.astype(np.int32).reshape(batch, -1)[:, :1])
+
+        def words(name):
+            a = _array(request, name)
+            return [words_of(a[i]) if a is not None else [] for i in range(batch)]
+
+        outputs = [
+            pb_utils.Tensor("INPUT_ID", input_ids),
+            pb_utils.Tensor("REQUEST_INPUT_LEN", lengths),
+            pb_utils.Tensor("BAD_WORDS_IDS", to_word_list_format(words("BAD_WORDS_DICT"), self._encode)),
+            pb_utils.Tensor("STOP_WORDS_IDS", to_word_list_format(words("STOP_WORDS_DICT"), self._encode)),
+            pb_utils.Tensor("REQUEST_OUTPUT_LEN", per_request("REQUEST_OUTPUT_LEN", 0)),
+            pb_utils.Tensor("OUT_END_ID", per_request("END_ID", self.end_id)),
+            pb_utils.Tensor("OUT_PAD_ID", per_request("PAD_ID", self.pad_id)),
+        ]
+        return pb_utils.InferenceResponse(output_tensors=outputs)

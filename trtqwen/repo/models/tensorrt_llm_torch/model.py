@@ -1,0 +1,306 @@
+"""`tensorrt_llm` served by trtqwen's reference PyTorch runtime, with the C++ backend's tensors and parameters.
+
+In-flight batching: `execute` validates each request, adds it to one shared LLMEngine and returns at once;
+one background thread steps the engine and answers through each request's response sender. Streaming sends
+the new tokens as they come, grouped so that every response decodes to whole characters (a CJK character split
+over two tokens goes out in one response), which keeps the ensemble's stateless postprocessing clean.
+A request whose client has gone is cancelled at the next step; a bad request gets an error response and
+the model keeps serving.
+"""
+
+import json
+import sys
+import threading
+import time
+import uuid
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from trtqwen_text import as_bool, config_param, is_complete_text, parse_word_list
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+CANCEL_CHECK_S = 0.1
+UNSUPPORTED = {  # inputs this runtime cannot honour: refuse rather than silently ignore (FACTS §7.10)
+    "return_log_probs": "log probabilities", "return_context_logits": "context logits",
+    "return_generation_logits": "generation logits",
+}
+
+
+class RequestError(ValueError):
+    pass
+
+
+def _value(request, name, default=None):
+    t = pb_utils.get_input_tensor_by_name(request, name)
+    if t is None:
+        return default
+    a = t.as_numpy()
+    return default if a.size == 0 else a.reshape(-1)[0].item()
+
+
+class Stream:
+    """One client request in flight."""
+
+    def __init__(self, sender, request_id, prompt, streaming, exclude_input, want_in, want_out):
+        self.sender, self.request_id, self.prompt = sender, request_id, prompt
+        self.streaming, self.exclude_input = streaming, exclude_input
+        self.want_in, self.want_out = want_in, want_out
+        self.pending: list[int] = []  # streamed tokens not sent yet (an incomplete character)
+        self.output: list[int] = []
+        self.finish: str | None = None
+        self.req = None  # the engine's Request
+        self.closed = False
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        cfg = json.loads(args["model_config"])
+        self.logger = pb_utils.Logger
+        self.decoupled = pb_utils.using_decoupled_model_transaction_policy(cfg)
+        param = lambda key, default=None: config_param(cfg, key, default)  # noqa: E731
+        try:
+            import trtqwen  # noqa: F401
+        except ImportError:  # not installed in the stub's Python: use the source the repository was made from
+            sys.path.insert(0, param("trtqwen_src", ""))
+        import torch
+        from trtqwen.runtime import LLMEngine, SamplingParams, load_model
+
+        self.torch, self.SamplingParams, self.LLMEngine = torch, SamplingParams, LLMEngine
+        self.max_input_len = int(param("max_input_len"))
+        self.max_seq_len = int(param("max_seq_len"))
+        self.max_num_tokens = int(param("max_num_tokens", "8192"))
+        self.end_id = int(param("end_id", "151645"))
+        self.pad_id = int(param("pad_id", "151643"))
+        self.exclude_input_default = as_bool(param("exclude_input_in_output"), False)
+        self.max_batch_size = max(1, int(cfg.get("max_batch_size") or 1))
+        self.device = self._device(args, param("gpu_device_ids", "0"))
+        self.model = load_model(param("gpt_model_path"), self.device, max_positions=self.max_seq_len)
+        self.slots = self._slots(float(param("kv_cache_free_gpu_mem_fraction", "0.9")))
+        self.engine = self._new_engine()
+        self.tokenizer = None
+        if param("tokenizer_dir"):
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(param("tokenizer_dir"), trust_remote_code=False)
+        self.lock = threading.Lock()
+        self.streams: dict[str, Stream] = {}  # request id → stream, for `stop` requests and cancellation
+        self.dirty: list[Stream] = []  # touched during a step (filled by on_token, in the stepping thread)
+        self.wake = threading.Event()
+        self.running = True
+        self.thread = threading.Thread(target=self._loop, name="trtqwen-engine", daemon=True)
+        self.thread.start()
+        self.logger.log_info(f"[trtqwen] tensorrt_llm (torch runtime) on {self.device}: {self.slots} slots, "
+                             f"max_input_len {self.max_input_len}, max_seq_len {self.max_seq_len}")
+
+    def _device(self, args, gpu_device_ids: str) -> str:
+        if not self.torch.cuda.is_available():
+            return "cpu"
+        groups = [g for g in gpu_device_ids.split(";") if g.strip()] or ["0"]
+        name = args.get("model_instance_name", "")
+        index = int(name.rsplit("_", 1)[-1]) if name.rsplit("_", 1)[-1].isdigit() else 0
+        return f"cuda:{groups[index % len(groups)].split(',')[0].strip()}"
+
+    def _slots(self, fraction: float) -> int:
+        """KV slots: max_batch_size, fewer where the GPU memory left after the weights cannot hold them."""
+        if not self.device.startswith("cuda"):
+            return self.max_batch_size
+        c = self.model.cfg
+        per_slot = 2 * c.num_layers * c.num_kv_heads * c.head_dim * self.max_seq_len * self.model.dtype.itemsize
+        free, _ = self.torch.cuda.mem_get_info(self.torch.device(self.device))
+        return max(1, min(self.max_batch_size, int(free * fraction // per_slot)))
+
+    def _new_engine(self):
+        return self.LLMEngine(self.model, max_slots=self.slots, max_seq_len=self.max_seq_len,
+                              prefill_chunk=self.max_num_tokens)
+
+    # --- execute: validate, enqueue, return --------------------------------------------------------------------
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                if as_bool(_value(request, "stop"), False):
+                    self._stop(request.request_id(), sender)
+                else:
+                    self._add(request, sender)
+            except Exception as e:  # noqa: BLE001 - every failure becomes this request's error response
+                self._send(None, sender, pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))), FINAL)
+        self.wake.set()
+        return None
+
+    def _stop(self, request_id, sender):
+        with self.lock:
+            stream = self.streams.get(request_id) if request_id else None
+        if stream is not None and stream.req is not None:
+            self.engine.cancel(stream.req)
+        sender.send(flags=FINAL)
+
+    def _add(self, request, sender):
+        streaming = as_bool(_value(request, "streaming"), False)
+        if streaming and not self.decoupled:
+            raise RequestError("streaming needs decoupled mode: package the repository with streaming on")
+        ids_t = pb_utils.get_input_tensor_by_name(request, "input_ids")
+        ids = np.zeros((1, 0), np.int32) if ids_t is None else ids_t.as_numpy()
+        if ids.ndim == 2 and ids.shape[0] != 1:
+            raise RequestError(f"send one prompt per request (this one has a batch of {ids.shape[0]})")
+        ids = ids.reshape(-1)
+        n = _value(request, "input_lengths", len(ids))
+        prompt = [int(x) for x in ids[: int(n)]]
+        if not prompt:
+            raise RequestError("the prompt is empty: send a non-empty text_input / input_ids")
+        if len(prompt) > self.max_input_len:
+            raise RequestError(f"the prompt has {len(prompt)} tokens, more than max_input_len {self.max_input_len}: "
+                               "shorten it, or build and package with a larger --max-input-len")
+        max_tokens = int(_value(request, "request_output_len", 0))
+        if max_tokens < 1:
+            raise RequestError(f"max_tokens must be at least 1, got {max_tokens}")
+        if max_tokens > self.max_seq_len:
+            raise RequestError(f"max_tokens {max_tokens} exceeds the sequence limit max_seq_len {self.max_seq_len} "
+                               "(prompt + output): ask for fewer tokens, or build with a larger --max-seq-len")
+        if len(prompt) + max_tokens > self.max_seq_len:  # as TensorRT-LLM does: shorten the output, say so
+            self.logger.log_warn(f"[trtqwen] prompt {len(prompt)} + max_tokens {max_tokens} > max_seq_len "
+                                 f"{self.max_seq_len}: output limited to {self.max_seq_len - len(prompt)} tokens")
+            max_tokens = self.max_seq_len - len(prompt)
+        for name, what in UNSUPPORTED.items():
+            if as_bool(_value(request, name), False):
+                raise RequestError(f"{what} ({name}) are not available from the torch runtime: "
+                                   "serve TensorRT engines (--runtime trtllm) for them")
+        for name in ("beam_width", "num_return_sequences"):
+            if int(_value(request, name, 1)) > 1:
+                raise RequestError(f"{name} > 1 is not supported by the torch runtime (sampling, one sequence)")
+        bad = parse_word_list(self._array(request, "bad_words_list"))
+        if bad:
+            raise RequestError("bad_words are not supported by the torch runtime: serve with --runtime trtllm")
+        params = self.SamplingParams(
+            max_tokens=max_tokens,
+            temperature=float(_value(request, "temperature", 1.0)),
+            top_k=int(_value(request, "runtime_top_k", 0)),
+            top_p=float(_value(request, "runtime_top_p", 0.0)),
+            seed=int(_value(request, "seed", 0)),
+            repetition_penalty=float(_value(request, "repetition_penalty", 1.0)),
+            presence_penalty=float(_value(request, "presence_penalty", 0.0)),
+            frequency_penalty=float(_value(request, "frequency_penalty", 0.0)),
+            min_tokens=int(_value(request, "min_tokens", 0)),
+            end_id=int(_value(request, "end_id", self.end_id)),
+            pad_id=int(_value(request, "pad_id", self.pad_id)),
+            stop_words=parse_word_list(self._array(request, "stop_words_list")),
+        )
+        request_id = request.request_id() or uuid.uuid4().hex
+        stream = Stream(sender, request_id, prompt, streaming,
+                        as_bool(_value(request, "exclude_input_in_output"), self.exclude_input_default),
+                        as_bool(_value(request, "return_num_input_tokens"), False),
+                        as_bool(_value(request, "return_num_output_tokens"), False))
+
+        def on_token(req, token, reason, stream=stream):  # called in the stepping thread
+            if token is not None:
+                stream.pending.append(token)
+                stream.output.append(token)
+            if reason is not None:
+                stream.finish = reason
+            self.dirty.append(stream)
+
+        with self.lock:
+            self.streams[request_id] = stream
+        try:
+            stream.req = self.engine.add(prompt, params, on_token)
+        except Exception:
+            with self.lock:
+                self.streams.pop(request_id, None)
+            raise
+
+    @staticmethod
+    def _array(request, name):
+        t = pb_utils.get_input_tensor_by_name(request, name)
+        return None if t is None else t.as_numpy()
+
+    # --- the stepping thread -----------------------------------------------------------------------------------
+    def _loop(self):
+        last_check = 0.0
+        while self.running:
+            if not self.engine.has_work():
+                self.wake.wait(0.05)
+                self.wake.clear()
+                continue
+            try:
+                self.engine.step()
+            except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the server
+                self.logger.log_error(f"[trtqwen] engine step failed: {e!r}")
+                self._fail_all(f"generation failed: {e}")
+                continue
+            dirty, self.dirty = self.dirty, []
+            for stream in dict.fromkeys(dirty):
+                self._flush(stream)
+            if time.monotonic() - last_check > CANCEL_CHECK_S:
+                last_check = time.monotonic()
+                self._check_cancelled()
+
+    def _flush(self, s: Stream):
+        if s.closed:
+            return
+        if s.finish is not None:
+            if s.finish == "cancelled":
+                self.logger.log_info(f"[trtqwen] request {s.request_id} cancelled after {len(s.output)} tokens")
+            if s.finish == "cancelled" and s.sender.is_cancelled():
+                self._close(s, pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError("request cancelled by the client", pb_utils.TritonError.CANCELLED)))
+                return
+            if s.streaming:
+                ids = s.pending
+            else:
+                ids = (s.output if s.exclude_input else s.prompt + s.output)
+            self._close(s, self._response(s, ids))
+        elif s.streaming and s.pending:
+            if self.tokenizer is None or is_complete_text(self.tokenizer, s.pending):
+                ids, s.pending = s.pending, []
+                if not self._send(s, s.sender, self._response(s, ids), 0) and s.req is not None:
+                    self.engine.cancel(s.req)
+
+    def _response(self, s: Stream, ids):
+        out = [pb_utils.Tensor("output_ids", np.asarray(ids, dtype=np.int32).reshape(1, 1, -1)),
+               pb_utils.Tensor("sequence_length", np.array([[len(ids)]], dtype=np.int32))]
+        if s.want_in:
+            out.append(pb_utils.Tensor("num_input_tokens", np.array([[len(s.prompt)]], dtype=np.int32)))
+        if s.want_out:
+            n = len(ids) if s.streaming or s.exclude_input else len(s.output)
+            out.append(pb_utils.Tensor("num_output_tokens", np.array([[n]], dtype=np.int32)))
+        return pb_utils.InferenceResponse(output_tensors=out)
+
+    def _send(self, s, sender, response, flags) -> bool:
+        try:
+            sender.send(response, flags=flags)
+            return True
+        except Exception as e:  # noqa: BLE001 - the client has gone; stop generating for it
+            if s is not None:
+                self.logger.log_verbose(f"[trtqwen] request {s.request_id}: send failed ({e}); cancelling")
+            return False
+
+    def _close(self, s: Stream, response):
+        s.closed = True
+        with self.lock:
+            self.streams.pop(s.request_id, None)
+        self._send(s, s.sender, response, FINAL)
+
+    def _check_cancelled(self):
+        with self.lock:
+            active = list(self.streams.values())
+        for s in active:
+            try:
+                gone = s.sender.is_cancelled()
+            except Exception:  # noqa: BLE001
+                gone = True
+            if gone and s.req is not None:
+                self.engine.cancel(s.req)
+
+    def _fail_all(self, message: str):
+        with self.lock:
+            active = list(self.streams.values())
+        for s in active:
+            if not s.closed:
+                self._close(s, pb_utils.InferenceResponse(error=pb_utils.TritonError(message)))
+        self.dirty = []
+        self.engine = self._new_engine()
+
+    def finalize(self):
+        self.running = False
+        self.wake.set()
+        self.thread.join(timeout=10)
+        self._fail_all("the model is being unloaded")

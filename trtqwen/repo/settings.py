@@ -1,0 +1,139 @@
+"""What a model repository is made of, decided once from build.json and the packaging options.
+
+Every number and path in the generated configs comes from here, and everything here comes from the build's
+manifest (or an explicit option that overrides it): nothing is typed twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from trtqwen.errors import UserError
+
+RUNTIMES = ("torch", "trtllm", "llmapi")
+# Qwen2.5: <|im_end|> ends an assistant turn, <|endoftext|> pads (FACTS §2); used when the tokenizer lacks them.
+QWEN_END_TOKEN, QWEN_PAD_TOKEN = "<|im_end|>", "<|endoftext|>"
+QWEN_END_ID, QWEN_PAD_ID = 151645, 151643
+
+
+@dataclass(frozen=True)
+class RepoSettings:
+    runtime: str
+    max_batch_size: int
+    max_input_len: int
+    max_seq_len: int
+    max_num_tokens: int
+    tp: int
+    instances: int
+    kv_cache_free_gpu_mem_fraction: float
+    streaming: bool  # decoupled tensorrt_llm / tensorrt_llm_bls: one response per token
+    model_dir: str  # engine dir (trtllm), TRT-LLM or HF checkpoint (torch), HF checkpoint (llmapi)
+    tokenizer_dir: str
+    end_id: int
+    pad_id: int
+    enable_kv_cache_reuse: bool = True
+    exclude_input_in_output: bool = True  # tensorrtllm_backend's default (false) echoes the prompt
+    batch_scheduler_policy: str = "guaranteed_no_evict"
+    batching_strategy: str = "inflight_fused_batching"
+    max_queue_delay_microseconds: int = 0
+    max_beam_width: int = 1
+    accumulate_tokens: bool = True  # BLS: detokenize the accumulated ids, so multi-byte characters stream whole
+    add_special_tokens: bool = False  # prompts arrive already formatted (ChatML); Qwen adds no BOS anyway
+    skip_special_tokens: bool = True
+    trtqwen_src: str = ""  # where the torch model finds `trtqwen` if it is not installed in the stub's Python
+
+    @property
+    def gpu_device_ids(self) -> str:
+        """One group of `tp` GPUs per instance, groups separated by ';' (tensorrtllm_backend's format)."""
+        return ";".join(",".join(str(i * self.tp + j) for j in range(self.tp)) for i in range(self.instances))
+
+    @property
+    def world_size(self) -> int:
+        """MPI ranks `serve` must launch: TP ranks for one C++-backend instance (leader mode), else one process."""
+        return self.tp if self.runtime == "trtllm" and self.instances == 1 else 1
+
+    def template_values(self) -> dict[str, str]:
+        """The same settings under tensorrtllm_backend's `fill_template.py` variable names, for the record."""
+        b = lambda v: "true" if v else "false"  # noqa: E731
+        return {
+            "triton_backend": "tensorrtllm" if self.runtime == "trtllm" else "python",
+            "triton_max_batch_size": str(self.max_batch_size),
+            "decoupled_mode": b(self.streaming),
+            "engine_dir": self.model_dir,
+            "tokenizer_dir": self.tokenizer_dir,
+            "batching_strategy": self.batching_strategy,
+            "max_queue_delay_microseconds": str(self.max_queue_delay_microseconds),
+            "max_beam_width": str(self.max_beam_width),
+            "kv_cache_free_gpu_mem_fraction": str(self.kv_cache_free_gpu_mem_fraction),
+            "enable_kv_cache_reuse": b(self.enable_kv_cache_reuse),
+            "exclude_input_in_output": b(self.exclude_input_in_output),
+            "batch_scheduler_policy": self.batch_scheduler_policy,
+            "enable_chunked_context": "true",
+            "gpu_device_ids": self.gpu_device_ids,
+            "add_special_tokens": b(self.add_special_tokens),
+            "skip_special_tokens": b(self.skip_special_tokens),
+            "accumulate_tokens": b(self.accumulate_tokens),
+            "tensorrt_llm_model_name": "tensorrt_llm",
+            "logits_datatype": "TYPE_FP32",
+            "preprocessing_instance_count": "1",
+            "postprocessing_instance_count": "1",
+            "bls_instance_count": "1",
+        }
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def special_token_ids(tokenizer_dir: Path) -> tuple[int, int]:
+    """(end_id, pad_id) from the tokenizer files: Qwen's <|im_end|> / <|endoftext|>, else its eos / pad token."""
+    ids: dict[str, int] = {}
+    tok_json = tokenizer_dir / "tokenizer.json"
+    if tok_json.is_file():
+        data = json.loads(tok_json.read_text())
+        ids = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
+        ids.update({k: v for k, v in ((data.get("model") or {}).get("vocab") or {}).items() if k in (QWEN_END_TOKEN, QWEN_PAD_TOKEN)})
+    cfg_path = tokenizer_dir / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    ids.update({t["content"]: int(i) for i, t in (cfg.get("added_tokens_decoder") or {}).items() if "content" in t})
+
+    def token_name(v):
+        return v.get("content") if isinstance(v, dict) else v
+
+    end = ids.get(QWEN_END_TOKEN, ids.get(token_name(cfg.get("eos_token")), QWEN_END_ID))
+    pad = ids.get(QWEN_PAD_TOKEN, ids.get(token_name(cfg.get("pad_token")), QWEN_PAD_ID))
+    return int(end), int(pad)
+
+
+def resolve_settings(build_dir: Path, manifest: dict, runtime: str, model_dir: Path, *, max_batch_size: int | None,
+                     instances: int, kv_cache_free_gpu_mem_fraction: float | None, streaming: bool) -> RepoSettings:
+    """Settings from build.json's spec and plan; an option given explicitly wins over the build's value."""
+    spec, plan = manifest.get("spec") or {}, manifest.get("plan") or {}
+    missing = [k for k in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "tp") if k not in spec]
+    if missing:
+        raise UserError(f"{build_dir / 'build.json'} has no {', '.join(missing)} in its spec",
+                        "rebuild with `trtqwen build` (the manifest is incomplete or from another tool)")
+    batch = spec["max_batch_size"] if max_batch_size is None else max_batch_size
+    if batch < 1:
+        raise UserError(f"max_batch_size must be at least 1, got {batch}")
+    if runtime == "trtllm" and batch > spec["max_batch_size"]:
+        raise UserError(f"max_batch_size {batch} is larger than the {spec['max_batch_size']} the engine was built for",
+                        f"use --max-batch-size {spec['max_batch_size']} or less, or rebuild with a larger one")
+    if instances < 1:
+        raise UserError(f"instances must be at least 1, got {instances}")
+    fraction = plan.get("kv_cache_free_gpu_mem_fraction", 0.9) if kv_cache_free_gpu_mem_fraction is None \
+        else kv_cache_free_gpu_mem_fraction
+    if not 0 < fraction <= 1:
+        raise UserError(f"kv_cache_free_gpu_mem_fraction must be in (0, 1], got {fraction}",
+                        "it is the share of the GPU memory left after the weights that the KV cache takes")
+    tokenizer_dir = (build_dir / manifest.get("tokenizer_dir", "tokenizer")).resolve()
+    end_id, pad_id = special_token_ids(tokenizer_dir)
+    return RepoSettings(
+        runtime=runtime, max_batch_size=int(batch), max_input_len=int(spec["max_input_len"]),
+        max_seq_len=int(spec["max_seq_len"]), max_num_tokens=int(spec["max_num_tokens"]), tp=int(spec["tp"]),
+        instances=int(instances), kv_cache_free_gpu_mem_fraction=float(fraction), streaming=bool(streaming),
+        model_dir=str(model_dir.resolve()), tokenizer_dir=str(tokenizer_dir), end_id=end_id, pad_id=pad_id,
+        trtqwen_src=str(Path(__file__).resolve().parents[2]),
+    )

@@ -1,0 +1,144 @@
+"""Text ↔ token helpers shared by the python models of the repository (copied next to each model.py).
+
+Only numpy and a tokenizer object: it runs inside Triton's python stub, where trtqwen may not be installed.
+
+Streaming never splits a character: a byte-level BPE token can hold part of a UTF-8 sequence (most CJK
+characters are 3 bytes, often split over two tokens), and decoding it alone gives U+FFFD (tensorrtllm_backend
+#606). Text is emitted only once the ids decode to complete characters.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+REPLACEMENT = "\ufffd"
+TRUE_STRINGS = ("true", "1", "t", "y", "yes", "on")
+
+
+def as_bool(value, default: bool = False) -> bool:
+    if value is None:
+        return default
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    return str(value).strip().lower() in TRUE_STRINGS
+
+
+def config_param(model_config: dict, key: str, default: str | None = None) -> str | None:
+    """A `parameters { key: ... string_value: ... }` entry of a model's config; unset ${...} placeholders are None."""
+    v = (model_config.get("parameters") or {}).get(key, {}).get("string_value")
+    return default if v is None or v == "" or v.startswith("${") else v
+
+
+def utf8(raw, what: str = "text_input") -> str:
+    """A BYTES element as text; invalid UTF-8 is the client's mistake and says so."""
+    if isinstance(raw, str):
+        return raw
+    try:
+        return bytes(raw).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} is not valid UTF-8 (byte {e.start}: {bytes(raw)[e.start:e.start + 4]!r}); "
+                         "send UTF-8 encoded text") from None
+
+
+def words_of(tensor) -> list[str]:
+    """A BYTES tensor of words ([1, n] or [n]) → non-empty strings."""
+    if tensor is None:
+        return []
+    return [w for w in (utf8(x, "stop/bad word") for x in np.asarray(tensor).reshape(-1)) if w]
+
+
+def to_word_list_format(word_lists: list[list[str]], encode) -> np.ndarray:
+    """TensorRT-LLM's stop/bad words layout: int32 [batch, 2, L], row 0 the flat ids, row 1 the end offsets.
+
+    Ids are padded with 0 and offsets with -1 (as tensorrtllm_backend's preprocessing does); a request without
+    words gets ids [0] and offsets [-1], which means none.
+    """
+    flat, offsets = [], []
+    for words in word_lists:
+        ids, ends = [], []
+        for w in words:
+            t = list(encode(w))
+            if not t:
+                continue
+            ids += t
+            ends.append(len(ids))
+        flat.append(ids)
+        offsets.append(ends)
+    width = max([1] + [len(x) for x in flat] + [len(x) for x in offsets])
+    out = np.zeros((len(word_lists), 2, width), dtype=np.int32)
+    out[:, 1, :] = -1
+    for i, (ids, ends) in enumerate(zip(flat, offsets)):
+        out[i, 0, : len(ids)] = ids
+        out[i, 1, : len(ends)] = ends
+    return out
+
+
+def parse_word_list(arr) -> list[list[int]]:
+    """[2, L] (or [1, 2, L]) flat ids + end offsets → list of token sequences."""
+    if arr is None:
+        return []
+    a = np.asarray(arr)
+    a = a.reshape(2, -1) if a.size else np.zeros((2, 0), dtype=np.int32)
+    ids, ends = a[0].tolist(), a[1].tolist()
+    words, start = [], 0
+    for end in ends:
+        if end < 0:
+            break
+        if end > start:
+            words.append(ids[start:end])
+        start = end
+    return words
+
+
+def is_complete_text(tokenizer, ids: list[int]) -> bool:
+    """True when these ids decode to whole characters (no partial UTF-8 sequence at the end)."""
+    return not tokenizer.decode(ids, skip_special_tokens=False).endswith(REPLACEMENT)
+
+
+class IncrementalDecoder:
+    """Ids in, text deltas out; a delta is emitted only once its characters are complete.
+
+    Decodes a short window (from the last emitted boundary), so each token costs O(1), not O(length).
+    """
+
+    def __init__(self, tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip = skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix = 0  # start of the window decoded for context
+        self.read = 0  # ids before this are already emitted as text
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip)
+
+    def push(self, ids) -> str:
+        self.ids.extend(int(i) for i in ids)
+        before = self._decode(self.ids[self.prefix : self.read])
+        text = self._decode(self.ids[self.prefix :])
+        if len(text) > len(before) and not text.endswith(REPLACEMENT):
+            self.prefix, self.read = self.read, len(self.ids)
+            return text[len(before) :]
+        return ""
+
+    def flush(self) -> str:
+        """At the end: whatever is left, even an incomplete character (then as U+FFFD)."""
+        before = self._decode(self.ids[self.prefix : self.read])
+        text = self._decode(self.ids[self.prefix :])
+        self.prefix = self.read = len(self.ids)
+        return text[len(before) :]
+
+
+class TextDeltas:
+    """Cumulative text in (TensorRT-LLM's LLM API streams the whole text so far), new complete text out."""
+
+    def __init__(self):
+        self.sent = ""
+
+    def push(self, cumulative: str, final: bool = False) -> str:
+        if not cumulative.startswith(self.sent):
+            return ""  # never unsay text: ignore a rewrite of what was already sent
+        delta = cumulative[len(self.sent) :]
+        if not final:
+            delta = delta.rstrip(REPLACEMENT)
+        self.sent += delta
+        return delta

@@ -42,3 +42,27 @@ def exported(tiny_tp_dir, tmp_path_factory):
         return cache[key][0]
 
     return export
+
+
+def pytest_addoption(parser):
+    parser.addoption("--url", default=None, help="smoke-test this Triton gRPC address instead of a local tiny server")
+    parser.addoption("--model", default="ensemble", help="model to smoke-test with --url")
+    parser.addoption("--content", action="store_true", help="with --url: also judge answers' wording")
+
+
+@pytest.fixture(scope="session")
+def served_tiny(tiny_dir, tmp_path_factory):
+    """A real tritonserver serving the tiny model through the torch runtime: (grpc url, http url, repo)."""
+    from trtqwen import server
+    from trtqwen.build import run_build
+    from trtqwen.repo import generate_repo
+
+    root = tmp_path_factory.mktemp("served")
+    run_build(model=str(tiny_dir), precision="bf16", out=root / "build", until="checkpoint")
+    repo = generate_repo(root / "build", root / "repo", runtime="torch")
+    base = 18700
+    server.start(repo, ["ensemble", "tensorrt_llm_bls"], "127.0.0.1", base, base + 1, base + 2, timeout=180)
+    try:
+        yield f"127.0.0.1:{base + 1}", f"127.0.0.1:{base}", repo
+    finally:
+        server.stop(repo)

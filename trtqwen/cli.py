@@ -191,9 +191,52 @@ def serve(
 
 
 @app.command()
-def chat(url: str = typer.Option("127.0.0.1:8001", help="Triton gRPC address")):
-    """Terminal chat that streams answers from the served model."""
-    not_yet("`chat` (terminal chat)", 6)
+def chat(
+    url: str = typer.Option("127.0.0.1:8001", help="Triton gRPC address"),
+    model: str = typer.Option("ensemble", help="ensemble or tensorrt_llm_bls"),
+    system: str = typer.Option("You are Qwen, created by Alibaba Cloud. You are a helpful assistant.", help="system prompt"),
+    max_tokens: int = typer.Option(512, help="longest answer"),
+    temperature: float = typer.Option(0.7, help="sampling temperature"),
+    top_p: float = typer.Option(0.8, help="nucleus sampling"),
+):
+    """Terminal chat that streams answers from the served model, keeps history, and shows tokens/s."""
+    from trtqwen.client import GenerationParams, TritonLLMClient, chatml
+
+    try:
+        client = TritonLLMClient(url, model)
+    except UserError as e:
+        fail(e)
+    history: list[dict] = []
+    params = GenerationParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p)
+    console.print(f"[dim]chatting with {model} at {url} — /reset clears the history, Ctrl-D quits[/]")
+    while True:
+        try:
+            user = console.input("[bold green]you>[/] ")
+        except (EOFError, KeyboardInterrupt):
+            console.print()
+            return
+        if user.strip() == "/reset":
+            history.clear()
+            continue
+        if not user.strip():
+            continue
+        history.append({"role": "user", "content": user})
+        answer, timing = [], None
+        console.print("[bold blue]qwen>[/] ", end="")
+        try:
+            for delta, timing in client.stream(chatml(history, system), params):
+                answer.append(delta)
+                console.print(delta, end="", markup=False, highlight=False)
+        except UserError as e:
+            console.print(f"\n[red]{e.message}[/]")
+            history.pop()
+            continue
+        except KeyboardInterrupt:
+            console.print("\n[dim](stopped)[/]")
+        history.append({"role": "assistant", "content": "".join(answer)})
+        if timing and timing.ttft is not None:
+            rate = f", {timing.tokens_per_s:.1f} tok/s" if timing.tokens_per_s else ""
+            console.print(f"\n[dim]{timing.output_tokens} tokens, first after {timing.ttft * 1e3:.0f} ms{rate}[/]")
 
 
 @app.command()
@@ -203,9 +246,28 @@ def ui(url: str = typer.Option("127.0.0.1:8001", help="Triton gRPC address")):
 
 
 @app.command()
-def smoke(url: str = typer.Option("127.0.0.1:8001", help="Triton gRPC address")):
-    """Smoke-test a served model: readiness, streaming, CJK, stop words, 5 concurrent users, bad requests."""
-    not_yet("`smoke` (smoke tests)", 6)
+def smoke(
+    url: str = typer.Option("127.0.0.1:8001", help="Triton gRPC address"),
+    model: str = typer.Option("ensemble", help="ensemble or tensorrt_llm_bls"),
+    content: bool = typer.Option(True, "--content/--no-content", help="judge answers' wording (off for the tiny random model)"),
+):
+    """Smoke-test a served model: readiness, streaming, CJK, JSON, stop words, 5 concurrent users, bad requests."""
+    from trtqwen.smoke import run_smoke
+
+    try:
+        checks = run_smoke(url, model, content)
+    except UserError as e:
+        fail(e)
+    t = Table(title=f"smoke: {model} at {url}" + ("" if content else " — mechanics only (tiny/random model: wording not judged)"))
+    for c in ("check", "result", "numbers / details"):
+        t.add_column(c)
+    for c in checks:
+        t.add_row(c.name, "[green]PASS[/]" if c.passed else "[red]FAIL[/]", c.detail)
+    console.print(t)
+    failed = [c.name for c in checks if not c.passed]
+    if failed:
+        err.print(f"[red]{len(failed)} check(s) failed:[/] {', '.join(failed)}")
+        raise typer.Exit(1)
 
 
 @app.command()

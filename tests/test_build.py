@@ -56,12 +56,12 @@ def test_until_checkpoint_is_complete_without_engine(tiny_dir, tmp_path):
 
 
 def test_interrupted_export_leaves_nothing_that_looks_finished(tiny_dir, tmp_path, monkeypatch):
+    from trtqwen import quantize
+
     def crash(*a, **k):
-        raise KeyboardInterrupt  # Ctrl-C in the middle of writing the shards
+        raise KeyboardInterrupt  # Ctrl-C after the shards were written, before the checkpoint is complete
 
-    import safetensors.torch
-
-    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    monkeypatch.setattr(quantize, "qwen_checkpoint_config", crash)
     out = tmp_path / "b"
     with pytest.raises(KeyboardInterrupt):
         build_mod.run_build(model=str(tiny_dir), precision="bf16", out=out, until="checkpoint")

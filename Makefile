@@ -13,7 +13,7 @@ export GRADIO_ANALYTICS_ENABLED := False
 
 help:
 	@echo "make install  - .venv with everything trtqwen needs (CPU machine; see README for a 4090D box)"
-	@echo "make demo     - tiny Qwen2 → plan → build (INT4-AWQ checkpoint + build.sh) → verify"
+	@echo "make demo     - tiny Qwen2 → plan → build (INT4-AWQ checkpoint + build.sh) → verify → package → serve → smoke"
 	@echo "make test     - the whole test suite"
 
 install: $(STAMP)
@@ -29,12 +29,23 @@ $(STAMP): pyproject.toml constraints.txt
 
 BUILD := engines/tiny-qwen2-int4_awq-tp1
 
+REPO := model_repo
+
 demo: install
 	$(TRTQWEN) doctor
 	$(TRTQWEN) tiny --out $(TINY)
 	$(TRTQWEN) plan --precision int4 --gpu rtx4090d
 	$(TRTQWEN) build --model $(TINY) --precision int4 --tp 1 --out $(BUILD)
 	$(TRTQWEN) verify $(BUILD)/checkpoint
+	$(TRTQWEN) package $(BUILD) --out $(REPO) --runtime torch --force
+	-$(TRTQWEN) serve $(REPO) --stop
+	$(TRTQWEN) serve $(REPO) --background
+	$(TRTQWEN) smoke --url 127.0.0.1:8001 --no-content
+	@echo
+	@echo "The tiny model is served at 127.0.0.1:8000 (HTTP) / 127.0.0.1:8001 (gRPC)."
+	@echo "  chat in the terminal:  $(TRTQWEN) chat --url 127.0.0.1:8001"
+	@echo "  web demo:              $(TRTQWEN) ui --url 127.0.0.1:8001   (then open http://127.0.0.1:7860; arrives with issue 7)"
+	@echo "  stop the server:       $(TRTQWEN) serve $(REPO) --stop"
 
 test: install
 	$(PY) -m pytest -m "not perf and not gpu" $(PYTEST_ARGS)
@@ -43,4 +54,5 @@ lint: install
 	$(PY) -m compileall -q trtqwen ui tests
 
 clean:
-	rm -rf $(TINY) $(BUILD) model_repo/*/ .pytest_cache
+	-$(TRTQWEN) serve $(REPO) --stop
+	rm -rf $(TINY) $(BUILD) $(REPO)/*/ $(REPO)/*.json $(REPO)/*.log .pytest_cache

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from trtqwen.cli import app
 
-COMMANDS = ["plan", "tiny", "build", "package", "serve", "chat", "ui", "smoke", "bench", "verify", "doctor"]
+COMMANDS = ["plan", "tiny", "build", "package", "serve", "chat", "ui", "smoke", "bench", "verify", "doctor", "openai"]
 runner = CliRunner()
 
 
@@ -73,7 +73,7 @@ def test_plan_that_does_not_fit_exits_1(tmp_path):
     assert r.exit_code == 1 and "does not fit" in r.output
 
 
-@pytest.mark.parametrize("command", ["ui", "bench"])
+@pytest.mark.parametrize("command", ["ui"])
 def test_later_commands_say_so_and_fail(command):
     r = runner.invoke(app, [command])
     assert r.exit_code != 0 and "arrives with issue" in r.output
@@ -89,3 +89,11 @@ def test_doctor_reports_this_machine():
     assert rep["disk_free_gb"] > 0
     r = runner.invoke(app, ["doctor"])
     assert r.exit_code == 0 and "build TensorRT engines" in r.output
+
+
+@pytest.mark.parametrize("args,needle", [(["bench", "--concurrency", "0"], "concurrency"),
+                                         (["bench", "--concurrency", "a,b"], "not a list of integers"),
+                                         (["bench", "--url", "127.0.0.1:1"], "cannot reach")])
+def test_bench_bad_input(args, needle):
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2 and needle in r.output, r.output

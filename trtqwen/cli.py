@@ -160,6 +160,7 @@ def serve(
     stop: bool = typer.Option(False, "--stop", help="stop the server started for this repository"),
     print_command: bool = typer.Option(False, "--print-command", help="show the exact command (and the container one) and exit"),
     timeout: float = typer.Option(300, help="seconds to wait for the server and every model to be ready"),
+    openai_port: Optional[int] = typer.Option(None, help="also serve an OpenAI-compatible API on this port (foreground)"),
 ):
     """Run tritonserver on a model repository (one MPI rank per GPU for TP) and wait until it is ready."""
     from trtqwen import server
@@ -183,7 +184,13 @@ def serve(
         return
     console.print("Ctrl-C stops it.")
     try:
-        server.wait_until_exit(state["pid"])
+        if openai_port:
+            from trtqwen.openai_proxy import serve_openai
+
+            console.print(f"OpenAI-compatible API on http://{host}:{openai_port}/v1")
+            serve_openai(f"{host}:{grpc_port}", host, openai_port)
+        else:
+            server.wait_until_exit(state["pid"])
     except KeyboardInterrupt:
         pass
     finally:
@@ -271,9 +278,53 @@ def smoke(
 
 
 @app.command()
-def bench(url: str = typer.Option("127.0.0.1:8001", help="Triton gRPC address")):
-    """Load-test a served model over a concurrency sweep; JSON, CSV and a PNG plot."""
-    not_yet("`bench` (benchmark)", 6)
+def bench(
+    url: str = typer.Option("127.0.0.1:8001", help="Triton gRPC address"),
+    model: str = typer.Option("ensemble", help="ensemble or tensorrt_llm_bls"),
+    concurrency: str = typer.Option("1,2,4,8,16,32", help="comma-separated concurrency sweep"),
+    input_len: int = typer.Option(128, help="prompt length in tokens (exact, with --tokenizer)"),
+    output_len: int = typer.Option(64, help="output tokens per request (fixed: min_tokens = max_tokens)"),
+    duration: float = typer.Option(20, help="seconds per concurrency level"),
+    warmup: int = typer.Option(2, help="warm-up requests before measuring"),
+    tokenizer: Optional[Path] = typer.Option(None, help="the served tokenizer dir (e.g. engines/<build>/tokenizer)"),
+    metrics_url: Optional[str] = typer.Option(None, help="metrics address host:port (default: gRPC port + 1)"),
+    out: Path = typer.Option(Path("bench-results"), help="directory for JSON, CSV and PNG"),
+    compare: Optional[Path] = typer.Option(None, "--compare", help="an earlier bench JSON to compare with"),
+):
+    """Load-test a served model over a concurrency sweep; JSON, CSV and a PNG plot; --compare with an earlier run."""
+    from trtqwen import bench as bench_mod
+
+    try:
+        levels = [int(x) for x in concurrency.split(",") if x.strip()]
+    except ValueError:
+        fail(UserError(f"--concurrency {concurrency!r} is not a list of integers", "e.g. --concurrency 1,2,4,8"))
+    try:
+        r = bench_mod.run_bench(url, model, levels, input_len, output_len, duration, warmup,
+                                str(tokenizer) if tokenizer else None, metrics_url,
+                                progress=lambda msg: err.print(f"[dim]{msg}[/]"))
+        print(bench_mod.format_table(r))
+        files = bench_mod.write_reports(r, out)
+        console.print("wrote " + ", ".join(str(p) for p in files.values()))
+        if compare:
+            print(bench_mod.format_compare(bench_mod.compare(r, bench_mod.load_result(compare))))
+    except UserError as e:
+        fail(e)
+
+
+@app.command()
+def openai(
+    url: str = typer.Option("127.0.0.1:8001", help="Triton gRPC address"),
+    host: str = typer.Option("127.0.0.1", help="address to bind"),
+    port: int = typer.Option(9000, help="port for /v1/models, /v1/chat/completions, /v1/completions"),
+    model: str = typer.Option("ensemble", help="Triton model to call"),
+    served_model_name: str = typer.Option("qwen2.5", help="model name the API reports"),
+    tokenizer: Optional[Path] = typer.Option(None, help="tokenizer dir, for prompt token counts in usage"),
+):
+    """OpenAI-compatible endpoint in front of the Triton server (streaming SSE and not)."""
+    from trtqwen.openai_proxy import serve_openai
+
+    console.print(f"OpenAI-compatible API on http://{host}:{port}/v1 → Triton {url} ({model})")
+    serve_openai(url, host, port, model, served_model_name, str(tokenizer) if tokenizer else None)
 
 
 @app.command()

@@ -1,0 +1,246 @@
+"""The benchmark and the OpenAI-compatible proxy against a real tritonserver (CPU) serving the tiny model."""
+
+import io
+import json
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+from trtqwen.errors import UserError
+
+pytestmark = pytest.mark.slow
+
+PORT_RANGE = range(19200, 19990, 10)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def free_block(n: int) -> list[int]:
+    """n consecutive free ports in our range (19000–19999)."""
+    for base in PORT_RANGE:
+        ports = list(range(base, base + n))
+        if all(_free(p) for p in ports):
+            return ports
+    pytest.skip("no free ports in 19200–19999")
+
+
+class Served:
+    def __init__(self, build, repo, ports):
+        self.build, self.repo = build, repo
+        self.http, self.grpc, self.metrics = ports
+        self.url = f"127.0.0.1:{self.grpc}"
+        self.metrics_url = f"127.0.0.1:{self.metrics}"
+        self.tokenizer = build / "tokenizer"
+
+
+@pytest.fixture(scope="module")
+def served(tiny_dir, tmp_path_factory):
+    from rich.console import Console
+
+    from trtqwen import server
+    from trtqwen.build import run_build
+    from trtqwen.repo import generate_repo
+
+    root = tmp_path_factory.mktemp("bench")
+    build = root / "build"
+    run_build(model=str(tiny_dir), precision="bf16", out=build, until="checkpoint", console=Console(file=io.StringIO()))
+    repo = generate_repo(build, root / "repo", runtime="torch")
+    ports = free_block(3)
+    try:
+        server.serve_repo(repo, "127.0.0.1", ports[0], ports[1], ports[2], None, 120)
+        yield Served(build, repo, ports)
+    finally:
+        server.stop(repo)
+
+
+# --- bench ----------------------------------------------------------------------------------------------------------
+def test_bench_sweep_reports_and_compare(served, tmp_path):
+    from trtqwen import bench
+    from trtqwen.client import GenerationParams, TritonLLMClient
+
+    t0 = time.time()
+    result = bench.run_bench(served.url, concurrency=[1, 2, 4], input_len=32, output_len=12, duration_s=2.5, warmup=2,
+                             tokenizer_dir=served.tokenizer, http_metrics_url=served.metrics_url,
+                             max_requests_per_level=200)
+    assert time.time() - t0 < 60
+    assert [lv["concurrency"] for lv in result["levels"]] == [1, 2, 4]
+    assert result["meta"]["input_len_exact"]
+    for lv in result["levels"]:
+        assert lv["errors"] == 0, lv["error_samples"]
+        assert lv["requests"] >= lv["concurrency"]
+        tokens = lv["output_tokens_per_request"]
+        assert tokens["min"] == tokens["max"] == 12  # exactly output_len: min_tokens held end_id back
+        for metric in ("ttft_s", "tpot_s", "itl_s"):
+            s = lv[metric]
+            assert 0 < s["p50"] <= s["p90"] <= s["p99"]
+        assert lv["total_tok_s"] > 0 and lv["requests_per_s"] > 0 and lv["user_tok_s"]["p50"] > 0
+        assert lv["total_tok_s"] == pytest.approx(lv["output_tokens"] / lv["elapsed_s"])
+    # More users → more total throughput than one user alone (a batching server), never a collapse.
+    assert result["levels"][-1]["total_tok_s"] > 0.8 * result["levels"][0]["total_tok_s"]
+    # Triton on CPU reports its RAM; the bench picks it up from the metrics port.
+    assert result["levels"][0]["memory_bytes"].get("cpu_memory_used_bytes", 0) > 0
+
+    # The bench's numbers agree with the client's own timing of a lone request measured right after.
+    client = TritonLLMClient(served.url)
+    tok = bench.load_tokenizer(served.tokenizer)
+    prompt = bench.make_prompt(tok, 32, __import__("random").Random(1))
+    assert len(tok.encode(prompt)) == 32
+    params = GenerationParams(max_tokens=12, min_tokens=12, stop_words=[], top_k=1)
+    ttfts = sorted(client.generate(prompt, params).timing.ttft for _ in range(5))
+    direct = ttfts[2]
+    lone = result["levels"][0]["ttft_s"]["p50"]
+    assert direct / 3 < lone < direct * 3, (lone, direct)
+
+    # Reports: JSON (round-trips), CSV (one row per level), PNG (a real image of a sensible size).
+    paths = bench.write_reports(result, tmp_path)
+    assert json.loads(paths["json"].read_text())["levels"][0]["concurrency"] == 1
+    lines = paths["csv"].read_text().strip().splitlines()
+    assert lines[0].startswith("concurrency,") and len(lines) == 4
+    png = paths["png"].read_bytes()
+    assert png[:8] == PNG_MAGIC
+    width, height = struct.unpack(">II", png[16:24])
+    assert width >= 400 and height >= 300 and len(png) > 10_000
+
+    table = bench.format_table(result)
+    assert "TTFT p50" in table and "total tok/s" in table and len(table.splitlines()) >= 6
+
+    # --compare old.json: one row per (level, metric) in both, deltas where both are known.
+    old = bench.load_result(paths["json"])
+    old["levels"] = old["levels"][:2]
+    old["levels"][0]["total_tok_s"] /= 2
+    rows = bench.compare(result, old)
+    assert {r["concurrency"] for r in rows} == {1, 2}
+    tot = next(r for r in rows if r["concurrency"] == 1 and r["metric"] == "total_tok_s")
+    assert tot["delta_pct"] == pytest.approx(100.0) and tot["better"] is True
+    same = next(r for r in rows if r["concurrency"] == 2 and r["metric"] == "ttft_ms_p50")
+    assert same["delta"] == 0 and same["better"] is None
+    assert "total_tok_s" in bench.format_compare(rows)
+
+
+def test_bench_rejects_bad_input(served):
+    from trtqwen import bench
+
+    with pytest.raises(UserError, match="concurrency"):
+        bench.run_bench(served.url, concurrency=[0], duration_s=1)
+    with pytest.raises(UserError, match="concurrency"):
+        bench.run_bench(served.url, concurrency=[2, -1], duration_s=1)
+    with pytest.raises(UserError, match="not served"):
+        bench.run_bench(served.url, model="nope", concurrency=[1], duration_s=1)
+    with pytest.raises(UserError, match="cannot reach"):
+        bench.run_bench("127.0.0.1:19999", concurrency=[1], duration_s=1)
+
+
+def test_memory_metric_parsing():
+    from trtqwen.bench import parse_memory
+
+    text = ('# HELP nv_gpu_memory_used_bytes x\nnv_gpu_memory_used_bytes{gpu_uuid="a"} 1e9\n'
+            'nv_gpu_memory_used_bytes{gpu_uuid="b"} 2e9\nnv_gpu_memory_total_bytes{gpu_uuid="a"} 9e9\n'
+            'nv_cpu_memory_used_bytes 5\n')
+    assert parse_memory(text) == {"nv_gpu_memory_used_bytes": 3e9, "nv_cpu_memory_used_bytes": 5.0}
+
+
+# --- OpenAI-compatible proxy ----------------------------------------------------------------------------------------
+def _uvicorn(app):
+    import uvicorn
+
+    port = free_block(1)[0]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    th = threading.Thread(target=srv.run, daemon=True)
+    th.start()
+    deadline = time.time() + 20
+    while not srv.started:
+        assert th.is_alive() and time.time() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    return srv, th, port
+
+
+@pytest.fixture(scope="module")
+def proxy(served):
+    from trtqwen.openai_proxy import make_app
+
+    srv, th, port = _uvicorn(make_app(served.url, tokenizer_dir=served.tokenizer))
+    try:
+        yield port
+    finally:
+        srv.should_exit = True
+        th.join(10)
+
+
+@pytest.fixture
+def oai(proxy):
+    import openai
+
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{proxy}/v1", api_key="x", max_retries=0, timeout=60)
+
+
+def test_openai_models_and_streamed_chat(oai):
+    assert [m.id for m in oai.models.list()] == ["qwen2.5"]
+    stream = oai.chat.completions.create(model="qwen2.5", messages=[{"role": "user", "content": "Hi"}], max_tokens=8,
+                                         stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(deltas) >= 2 and "".join(deltas)
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals in (["length"], ["stop"])
+    assert chunks[-1].usage.completion_tokens <= 8 and chunks[-1].usage.prompt_tokens > 0
+
+
+def test_openai_completion_with_usage_and_stop(oai):
+    r = oai.completions.create(model="qwen2.5", prompt="Hello there", max_tokens=10, temperature=0, seed=1)
+    assert r.choices[0].text and r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 10 and r.usage.prompt_tokens == 2 and r.usage.total_tokens == 12
+    # stop (a list or a string) cuts the text before the stop string
+    word = r.choices[0].text.strip().split()[-1] if r.choices[0].text.strip() else None
+    if word:
+        cut = oai.completions.create(model="qwen2.5", prompt="Hello there", max_tokens=10, temperature=0, stop=word)
+        assert word not in cut.choices[0].text and r.choices[0].text.startswith(cut.choices[0].text)
+    chat = oai.chat.completions.create(model="qwen2.5", messages=[{"role": "system", "content": "Be brief."},
+                                                                  {"role": "user", "content": "Hi"}],
+                                       max_tokens=4, temperature=0, stop=["zzz"])
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens <= 4
+
+
+def test_openai_bad_requests(oai, proxy):
+    import openai
+    import urllib.error
+    import urllib.request
+
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.chat.completions.create(model="qwen2.5", messages=[], max_tokens=4)
+    assert e.value.status_code == 400 and e.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        oai.completions.create(model="qwen2.5", prompt="x", max_tokens=0)
+    with pytest.raises(openai.BadRequestError, match="stop"):
+        oai.completions.create(model="qwen2.5", prompt="x", max_tokens=2, stop=[1, 2])
+    req = urllib.request.Request(f"http://127.0.0.1:{proxy}/v1/completions", data=b"{not json",
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as he:
+        urllib.request.urlopen(req, timeout=10)
+    assert he.value.code == 400 and "error" in json.loads(he.value.read())
+
+
+def test_openai_triton_down_is_503():
+    import openai
+
+    from trtqwen.openai_proxy import make_app
+
+    srv, th, port = _uvicorn(make_app("127.0.0.1:19999"))
+    try:
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=30)
+        with pytest.raises(openai.APIStatusError) as e:
+            c.completions.create(model="qwen2.5", prompt="x", max_tokens=2)
+        assert e.value.status_code == 503 and e.value.body["code"] == "service_unavailable"
+    finally:
+        srv.should_exit = True
+        th.join(10)

@@ -1,0 +1,416 @@
+"""Load benchmark for a served Qwen2.5: a concurrency sweep of fixed-shape requests over the streaming client.
+
+For each concurrency level N, N worker threads send requests back to back until the level's time is up (or its
+request cap is reached). Prompts have an exact token count (made with the served tokenizer and checked by
+re-encoding) and every request generates exactly `output_len` tokens (min_tokens = max_tokens, no stop words), so
+the levels are comparable. Reported per level: TTFT, TPOT (time per output token after the first), ITL (inter-token
+gaps) at p50/p90/p99, output tok/s per user and in total, requests/s, errors, and the server's memory if its
+Prometheus metrics report it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import re
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from trtqwen.errors import UserError
+
+STATS = ("p50", "p90", "p99", "mean")
+MEMORY_METRICS = ("nv_gpu_memory_used_bytes", "nv_cpu_memory_used_bytes")
+FALLBACK_WORD = " hello"  # one Qwen token; repeated without a tokenizer (input length then approximate)
+
+
+# --- prompts --------------------------------------------------------------------------------------------------------
+def _word_pool(tok) -> list[str]:
+    """Plain ' word' tokens: each encodes to exactly one token and they never merge with their neighbours."""
+    words = []
+    for piece, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1]):
+        if piece.startswith("Ġ") and 3 <= len(piece) <= 9 and piece[1:].isascii() and piece[1:].isalpha():
+            words.append(" " + piece[1:])
+        if len(words) >= 4000:
+            break
+    return words or [FALLBACK_WORD]
+
+
+def make_prompt(tok, n_tokens: int, rng: random.Random, pool: list[str] | None = None) -> str:
+    """A prompt of exactly `n_tokens` tokens under `tok` (random plain words, checked by re-encoding)."""
+    if n_tokens < 1:
+        raise UserError(f"input length must be at least 1 token (got {n_tokens})")
+    pool = pool or _word_pool(tok)
+    words = [rng.choice(pool) for _ in range(n_tokens)]
+    for _ in range(50):
+        text = "".join(words)
+        n = len(tok.encode(text, add_special_tokens=False))
+        if n == n_tokens:
+            return text
+        if n > n_tokens:
+            words = words[: max(1, len(words) - (n - n_tokens))]
+        else:
+            words += [rng.choice(pool) for _ in range(n_tokens - n)]
+    text = FALLBACK_WORD * n_tokens  # " hello" × n is n tokens under Qwen's tokenizer
+    if len(tok.encode(text, add_special_tokens=False)) != n_tokens:
+        raise UserError(f"could not make a prompt of exactly {n_tokens} tokens with this tokenizer")
+    return text
+
+
+def load_tokenizer(tokenizer_dir):
+    if tokenizer_dir is None:
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"cannot load a tokenizer from {tokenizer_dir} ({type(e).__name__})",
+                        "pass the build directory's tokenizer/ folder (the one the server uses)") from None
+
+
+# --- server metrics -------------------------------------------------------------------------------------------------
+def _metrics_url(url: str, http_metrics_url: str | None) -> str | None:
+    if http_metrics_url:
+        u = http_metrics_url if "://" in http_metrics_url else f"http://{http_metrics_url}"
+        return u if u.rstrip("/").endswith("/metrics") else u.rstrip("/") + "/metrics"
+    m = re.fullmatch(r"(.+):(\d+)", url)  # Triton's default layout: metrics port = gRPC port + 1
+    return f"http://{m.group(1)}:{int(m.group(2)) + 1}/metrics" if m else None
+
+
+def read_memory(metrics_url: str | None, timeout: float = 2.0) -> dict:
+    """{metric: bytes summed over devices} for the memory gauges the server reports; {} if none / unreachable."""
+    if not metrics_url:
+        return {}
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=timeout) as resp:
+            text = resp.read().decode("utf-8", "replace")
+    except Exception:  # noqa: BLE001 - memory is a bonus; never fail the benchmark over it
+        return {}
+    return parse_memory(text)
+
+
+def parse_memory(text: str) -> dict:
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        for name in MEMORY_METRICS:
+            if line.startswith(name) and (len(line) == len(name) or line[len(name)] in "{ "):
+                try:
+                    out[name] = out.get(name, 0.0) + float(line.rsplit(None, 1)[-1])
+                except ValueError:
+                    pass
+    return out
+
+
+# --- statistics -----------------------------------------------------------------------------------------------------
+def summarize(values: list[float]) -> dict:
+    import numpy as np
+
+    if not values:
+        return {k: None for k in STATS}
+    a = np.asarray(values, dtype=float)
+    return {"p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
+            "p99": float(np.percentile(a, 99)), "mean": float(a.mean())}
+
+
+# --- the client -----------------------------------------------------------------------------------------------------
+def counting_client(url: str, model: str = "ensemble"):
+    """TritonLLMClient that also asks for `num_output_tokens`, so deltas that carry several tokens (the server holds
+    back incomplete UTF-8) are counted exactly instead of one per delta."""
+    from trtqwen.client import TritonLLMClient
+
+    class CountingClient(TritonLLMClient):
+        def _inputs(self, prompt, p, stream):
+            tensors = super()._inputs(prompt, p, stream)
+            if "return_num_output_tokens" in self.inputs:
+                import numpy as np
+
+                t = self.grpc.InferInput("return_num_output_tokens", [1, 1], "BOOL")
+                t.set_data_from_numpy(np.array([[True]], dtype=bool))
+                tensors.append(t)
+            return tensors
+
+    return CountingClient(url, model)
+
+
+# --- the sweep ------------------------------------------------------------------------------------------------------
+def _one_request(client, prompt: str, params) -> dict:
+    timing = None
+    for _delta, timing in client.stream(prompt, params):
+        pass
+    if timing is None or timing.first_token is None:
+        raise UserError("the server returned no tokens")
+    t = timing.token_times
+    n = timing.output_tokens
+    tpot = (t[-1] - t[0]) / (n - 1) if n > 1 and len(t) > 1 else None
+    return {"ttft": timing.ttft, "tpot": tpot, "gaps": timing.gaps, "output_tokens": n,
+            "tok_s": timing.tokens_per_s, "latency": timing.end - timing.start}
+
+
+def _run_level(client, prompts: list[str], params, concurrency: int, duration_s: float, max_requests: int,
+               metrics_url: str | None) -> dict:
+    lock = threading.Lock()
+    records: list[dict] = []
+    errors: list[str] = []
+    issued = [0]
+    mem_before = read_memory(metrics_url)
+    start = time.perf_counter()
+    deadline = start + duration_s
+
+    def worker(wid: int):
+        i = wid
+        while time.perf_counter() < deadline:
+            with lock:
+                if issued[0] >= max_requests:
+                    return
+                issued[0] += 1
+            try:
+                rec = _one_request(client, prompts[i % len(prompts)], params)
+                with lock:
+                    records.append(rec)
+            except Exception as e:  # noqa: BLE001 - count it, keep loading the server
+                with lock:
+                    errors.append(f"{type(e).__name__}: {e}")
+            i += concurrency
+
+    threads = [threading.Thread(target=worker, args=(w,), daemon=True) for w in range(concurrency)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    elapsed = max(time.perf_counter() - start, 1e-9)
+    mem_after = read_memory(metrics_url)
+    out_tokens = [r["output_tokens"] for r in records]
+    total_tokens = sum(out_tokens)
+    memory = {k.replace("nv_", "", 1): max(mem_before.get(k, 0), mem_after.get(k, 0))
+              for k in MEMORY_METRICS if k in mem_before or k in mem_after}
+    return {
+        "concurrency": concurrency,
+        "requests": len(records),
+        "errors": len(errors),
+        "error_samples": sorted(set(errors))[:5],
+        "elapsed_s": elapsed,
+        "requests_per_s": len(records) / elapsed,
+        "output_tokens": total_tokens,
+        "output_tokens_per_request": {"min": min(out_tokens, default=None), "max": max(out_tokens, default=None),
+                                      "mean": (total_tokens / len(out_tokens)) if out_tokens else None},
+        "total_tok_s": total_tokens / elapsed,
+        "user_tok_s": summarize([r["tok_s"] for r in records if r["tok_s"] is not None]),
+        "ttft_s": summarize([r["ttft"] for r in records]),
+        "tpot_s": summarize([r["tpot"] for r in records if r["tpot"] is not None]),
+        "itl_s": summarize([g for r in records for g in r["gaps"]]),
+        "latency_s": summarize([r["latency"] for r in records]),
+        "memory_bytes": memory,
+    }
+
+
+def run_bench(url: str, model: str = "ensemble", concurrency=(1, 2, 4, 8), input_len: int = 128, output_len: int = 64,
+              duration_s: float = 20, warmup: int = 2, tokenizer_dir=None, http_metrics_url: str | None = None,
+              max_requests_per_level: int = 1000, seed: int = 0, progress=None) -> dict:
+    """Sweep `concurrency` levels against a served model; returns the result dict (see `write_reports`).
+
+    `progress`, if given, is called with each level's result as it finishes (for a live table).
+    """
+    from trtqwen.client import GenerationParams
+
+    levels = [int(c) for c in concurrency]
+    if not levels:
+        raise UserError("no concurrency levels given", "e.g. --concurrency 1,2,4,8")
+    if any(c <= 0 for c in levels):
+        raise UserError(f"concurrency must be positive (got {levels})", "e.g. --concurrency 1,2,4,8")
+    if input_len < 1 or output_len < 1:
+        raise UserError(f"input and output lengths must be ≥ 1 (got {input_len}, {output_len})")
+    if duration_s <= 0:
+        raise UserError(f"duration must be positive (got {duration_s})")
+    if max_requests_per_level < 1:
+        raise UserError(f"max requests per level must be ≥ 1 (got {max_requests_per_level})")
+
+    client = counting_client(url, model)  # raises the UserError a user should see: unreachable / no such model
+    tok = load_tokenizer(tokenizer_dir)
+    rng = random.Random(seed)
+    n_prompts = max(levels) * 4
+    if tok is not None:
+        pool = _word_pool(tok)
+        prompts = [make_prompt(tok, input_len, rng, pool) for _ in range(n_prompts)]
+    else:
+        prompts = [FALLBACK_WORD * input_len]
+    # Exactly output_len tokens: min_tokens holds end_id back, no stop words; greedy (top_k 1) keeps it reproducible.
+    params = GenerationParams(max_tokens=output_len, min_tokens=output_len, temperature=1.0, top_k=1, top_p=0.0,
+                              stop_words=[])
+    if client.input_name("min_tokens") is None:
+        params.end_id = -1  # no min_tokens on this deployment: an end id it can never produce keeps the length
+    metrics_url = _metrics_url(url, http_metrics_url)
+
+    for i in range(max(0, warmup)):
+        try:
+            _one_request(client, prompts[i % len(prompts)], params)
+        except UserError as e:
+            raise UserError(f"warm-up request failed: {e.message}", e.hint) from None
+
+    results = []
+    for c in levels:
+        level = _run_level(client, prompts, params, c, duration_s, max_requests_per_level, metrics_url)
+        results.append(level)
+        if progress:
+            progress(level)
+    return {
+        "meta": {"url": url, "model": model, "concurrency": levels, "input_len": input_len, "output_len": output_len,
+                 "input_len_exact": tok is not None, "duration_s": duration_s, "warmup": warmup,
+                 "max_requests_per_level": max_requests_per_level, "tokenizer": str(tokenizer_dir) if tokenizer_dir else None,
+                 "metrics_url": metrics_url, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "sampling": "greedy"},
+        "levels": results,
+    }
+
+
+# --- reports --------------------------------------------------------------------------------------------------------
+def _ms(x):
+    return None if x is None else x * 1000.0
+
+
+CSV_COLUMNS = ["concurrency", "requests", "errors", "requests_per_s", "total_tok_s", "user_tok_s_p50", "user_tok_s_mean",
+               "ttft_ms_p50", "ttft_ms_p90", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p90", "tpot_ms_p99",
+               "itl_ms_p50", "itl_ms_p90", "itl_ms_p99", "output_tokens_per_request", "gpu_memory_used_bytes",
+               "cpu_memory_used_bytes"]
+
+
+def flat_row(level: dict) -> dict:
+    row = {k: level[k] for k in ("concurrency", "requests", "errors", "requests_per_s", "total_tok_s")}
+    row["user_tok_s_p50"] = level["user_tok_s"]["p50"]
+    row["user_tok_s_mean"] = level["user_tok_s"]["mean"]
+    for metric in ("ttft", "tpot", "itl"):
+        for s in ("p50", "p90", "p99"):
+            row[f"{metric}_ms_{s}"] = _ms(level[f"{metric}_s"][s])
+    row["output_tokens_per_request"] = level["output_tokens_per_request"]["mean"]
+    mem = level.get("memory_bytes", {})
+    row["gpu_memory_used_bytes"] = mem.get("gpu_memory_used_bytes")
+    row["cpu_memory_used_bytes"] = mem.get("cpu_memory_used_bytes")
+    return row
+
+
+def _fmt(x, digits=1):
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def format_table(result: dict) -> str:
+    """The table users know: one row per concurrency level."""
+    head = ["users", "TTFT p50 ms", "TTFT p90 ms", "TPOT p50 ms", "tok/s/user", "total tok/s", "req/s", "errors"]
+    rows = []
+    for lv in result["levels"]:
+        r = flat_row(lv)
+        rows.append([str(r["concurrency"]), _fmt(r["ttft_ms_p50"]), _fmt(r["ttft_ms_p90"]), _fmt(r["tpot_ms_p50"], 2),
+                     _fmt(r["user_tok_s_p50"]), _fmt(r["total_tok_s"]), _fmt(r["requests_per_s"], 2), str(r["errors"])])
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    m = result.get("meta", {})
+    title = (f"{m.get('model', '?')} @ {m.get('url', '?')}: {m.get('input_len')} tokens in"
+             f"{'' if m.get('input_len_exact', True) else ' (approx.)'}, {m.get('output_len')} out")
+    out = [title, line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
+    mems = [(lv["concurrency"], lv.get("memory_bytes", {})) for lv in result["levels"] if lv.get("memory_bytes")]
+    if mems:
+        c, mem = mems[-1]
+        out.append("server memory: " + ", ".join(f"{k.split('_')[0].upper()} {v / 2**30:.2f} GiB" for k, v in mem.items()))
+    return "\n".join(out)
+
+
+def plot(result: dict, path: Path) -> Path:
+    """Throughput vs latency (TTFT p50/p90) and per-user speed vs total throughput, one labelled point per level."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [flat_row(lv) for lv in result["levels"] if lv["requests"]]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=100)
+    if rows:
+        tot = [r["total_tok_s"] for r in rows]
+        p50 = [r["ttft_ms_p50"] for r in rows]
+        p90 = [r["ttft_ms_p90"] for r in rows]
+        user = [r["user_tok_s_p50"] or 0 for r in rows]
+        ax1.plot(tot, p50, "o-", label="TTFT p50")
+        ax1.plot(tot, p90, "s--", alpha=0.7, label="TTFT p90")
+        ax2.plot(tot, user, "o-", color="tab:green", label="per-user tok/s (p50)")
+        for r, x, y, u in zip(rows, tot, p50, user):
+            ax1.annotate(f"{r['concurrency']} user{'' if r['concurrency'] == 1 else 's'}", (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+            ax2.annotate(f"{r['concurrency']} user{'' if r['concurrency'] == 1 else 's'}", (x, u), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    else:
+        ax1.text(0.5, 0.5, "no successful requests", ha="center", transform=ax1.transAxes)
+    ax1.set_xlabel("total output tokens/s")
+    ax1.set_ylabel("time to first token (ms)")
+    ax1.set_title("latency vs throughput")
+    ax1.grid(alpha=0.3)
+    ax1.legend(fontsize=8)
+    ax2.set_xlabel("total output tokens/s")
+    ax2.set_ylabel("tokens/s per user")
+    ax2.set_title("per-user speed vs throughput")
+    ax2.grid(alpha=0.3)
+    m = result.get("meta", {})
+    fig.suptitle(f"{m.get('model', '')}: {m.get('input_len')} in / {m.get('output_len')} out tokens", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return path
+
+
+def write_reports(result: dict, out_dir, stem: str = "bench") -> dict:
+    """Write <stem>.json, <stem>.csv and <stem>.png into out_dir; returns {"json": path, "csv": path, "png": path}."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / f"{stem}.json", "csv": out / f"{stem}.csv", "png": out / f"{stem}.png"}
+    paths["json"].write_text(json.dumps(result, indent=2))
+    with paths["csv"].open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        w.writeheader()
+        for lv in result["levels"]:
+            w.writerow(flat_row(lv))
+    plot(result, paths["png"])
+    return paths
+
+
+def load_result(path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read benchmark result {path} ({type(e).__name__})", "pass a bench.json written by `trtqwen bench`") from None
+    if "levels" not in data:
+        raise UserError(f"{path} is not a benchmark result (no 'levels')")
+    return data
+
+
+# metric → True when higher is better
+COMPARE_METRICS = {"ttft_ms_p50": False, "ttft_ms_p90": False, "tpot_ms_p50": False, "itl_ms_p90": False,
+                   "user_tok_s_p50": True, "total_tok_s": True, "requests_per_s": True, "errors": False}
+
+
+def compare(new: dict, old: dict) -> list[dict]:
+    """Per concurrency level present in both: {concurrency, metric, old, new, delta, delta_pct, better}."""
+    old_by = {lv["concurrency"]: flat_row(lv) for lv in old["levels"]}
+    rows = []
+    for lv in new["levels"]:
+        n = flat_row(lv)
+        o = old_by.get(n["concurrency"])
+        if o is None:
+            continue
+        for metric, higher in COMPARE_METRICS.items():
+            a, b = o.get(metric), n.get(metric)
+            delta = None if a is None or b is None else b - a
+            pct = None if delta is None or not a else 100.0 * delta / abs(a)
+            better = None if not delta else (delta > 0) == higher
+            rows.append({"concurrency": n["concurrency"], "metric": metric, "old": a, "new": b, "delta": delta,
+                         "delta_pct": pct, "better": better})
+    return rows
+
+
+def format_compare(rows: list[dict]) -> str:
+    if not rows:
+        return "no concurrency level in common with the old result"
+    out = [f"{'users':>5}  {'metric':<15} {'old':>10} {'new':>10} {'change':>9}"]
+    for r in rows:
+        change = "–" if r["delta_pct"] is None else f"{r['delta_pct']:+.1f}%"
+        mark = "" if r["better"] is None else (" better" if r["better"] else " worse")
+        out.append(f"{r['concurrency']:>5}  {r['metric']:<15} {_fmt(r['old'], 2):>10} {_fmt(r['new'], 2):>10} {change:>9}{mark}")
+    return "\n".join(out)

@@ -56,7 +56,7 @@ def check_output(out: Path, force: bool) -> None:
     pid = _server_running(out) if out.is_dir() else None
     if pid:
         raise UserError(f"a tritonserver (pid {pid}) is serving {out}", "stop it first: `trtqwen serve --stop`")
-    if out.is_dir() and any(out.iterdir()) and not force:
+    if out.is_dir() and any(p.name != "README.md" for p in out.iterdir()) and not force:
         what = "a model repository" if (out / RECORD).is_file() else "a directory that is not empty"
         raise UserError(f"{out} already exists ({what})", "pass --force to replace it, or choose another --out")
 
@@ -129,6 +129,8 @@ def generate_repo(build_dir: Path, out: Path, runtime: str = "torch", max_batch_
         if runtime == "trtllm":
             (version_dir / ".keep").touch()
         write_json_atomic(tmp / RECORD, make_record(build_dir, manifest, settings, versions, notes))
+        if (out / "README.md").is_file():  # the project's own note in model_repo/ survives re-packaging
+            shutil.copy2(out / "README.md", tmp / "README.md")
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

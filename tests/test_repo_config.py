@@ -431,4 +431,7 @@ def test_incremental_decoding_skips_special_tokens(qwen_tokenizer):
 
 def test_cumulative_text_becomes_clean_deltas():
     d = TextDeltas()
-    assert [d.push("你"), d.push("你好\ufffd"), d.push("你好世"), d.push("你好世界", final=True)] == ["你", "好", "世", "界"]
+    pushed = [d.push("你"), d.push("你好\ufffd"), d.push("你好世"), d.push("你好世界", final=True)]
+    assert pushed == ["你", "好", "世", "界"]
+    d = TextDeltas()  # a backend that streams deltas instead
+    assert [d.push("Hel"), d.push("lo"), d.push(" 世"), d.push("界", final=True)] == ["Hel", "lo", " 世", "界"]

@@ -94,7 +94,8 @@ def special_token_ids(tokenizer_dir: Path) -> tuple[int, int]:
     if tok_json.is_file():
         data = json.loads(tok_json.read_text())
         ids = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
-        ids.update({k: v for k, v in ((data.get("model") or {}).get("vocab") or {}).items() if k in (QWEN_END_TOKEN, QWEN_PAD_TOKEN)})
+        vocab = (data.get("model") or {}).get("vocab") or {}
+        ids.update({k: vocab[k] for k in (QWEN_END_TOKEN, QWEN_PAD_TOKEN) if k in vocab})
     cfg_path = tokenizer_dir / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
     ids.update({t["content"]: int(i) for i, t in (cfg.get("added_tokens_decoder") or {}).items() if "content" in t})

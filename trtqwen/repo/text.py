@@ -129,16 +129,24 @@ class IncrementalDecoder:
 
 
 class TextDeltas:
-    """Cumulative text in (TensorRT-LLM's LLM API streams the whole text so far), new complete text out."""
+    """Cumulative text in (TensorRT-LLM's LLM API streams the whole text so far), new complete text out.
+
+    A piece that does not extend what was sent is taken as a delta itself (a backend that streams deltas).
+    """
 
     def __init__(self):
         self.sent = ""
+        self.held = ""  # a trailing partial character, held back until it completes
 
-    def push(self, cumulative: str, final: bool = False) -> str:
-        if not cumulative.startswith(self.sent):
-            return ""  # never unsay text: ignore a rewrite of what was already sent
-        delta = cumulative[len(self.sent) :]
+    def push(self, text: str, final: bool = False) -> str:
+        seen = self.sent + self.held
+        if text.startswith(self.sent) and len(text) >= len(seen):
+            delta = text[len(self.sent) :]
+        else:
+            delta = self.held.rstrip(REPLACEMENT) + text
+        self.held = ""
         if not final:
-            delta = delta.rstrip(REPLACEMENT)
+            complete = delta.rstrip(REPLACEMENT)
+            self.held, delta = delta[len(complete) :], complete
         self.sent += delta
         return delta

@@ -149,7 +149,10 @@ class TritonPythonModel:
             unsent += len(ids)
             if not stream:
                 continue
-            text = decoder.push(ids) if self.accumulate else self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+            if self.accumulate:
+                text = decoder.push(ids)
+            else:  # NVIDIA's accumulate_tokens false: each response decoded alone (may split a character)
+                text = self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
             if not text:
                 continue  # part of a character: it goes out with the next token
             extra = self._passthrough(resp) + self._count(want_out, unsent)
@@ -208,7 +211,8 @@ class TritonPythonModel:
                 req_inputs.append(pb_utils.Tensor(name, inputs[src].reshape(-1)[:1]))
         stops = words_of(inputs.get("stop_words"))
         if stops:
-            req_inputs.append(pb_utils.Tensor("sampling_param_stop", np.array([w.encode() for w in stops], dtype=np.object_)))
+            words = np.array([w.encode() for w in stops], dtype=np.object_)
+            req_inputs.append(pb_utils.Tensor("sampling_param_stop", words))
         exclude = inputs.get("exclude_input_in_output")
         req_inputs.append(pb_utils.Tensor("sampling_param_exclude_input_from_output",
                                           np.array([True if exclude is None else bool(exclude.reshape(-1)[0])])))

@@ -118,25 +118,6 @@ def summarize(values: list[float]) -> dict:
 
 
 # --- the client -----------------------------------------------------------------------------------------------------
-def counting_client(url: str, model: str = "ensemble"):
-    """TritonLLMClient that also asks for `num_output_tokens`, so deltas that carry several tokens (the server holds
-    back incomplete UTF-8) are counted exactly instead of one per delta."""
-    from trtqwen.client import TritonLLMClient
-
-    class CountingClient(TritonLLMClient):
-        def _inputs(self, prompt, p, stream):
-            tensors = super()._inputs(prompt, p, stream)
-            if "return_num_output_tokens" in self.inputs:
-                import numpy as np
-
-                t = self.grpc.InferInput("return_num_output_tokens", [1, 1], "BOOL")
-                t.set_data_from_numpy(np.array([[True]], dtype=bool))
-                tensors.append(t)
-            return tensors
-
-    return CountingClient(url, model)
-
-
 # --- the sweep ------------------------------------------------------------------------------------------------------
 def _one_request(client, prompt: str, params) -> dict:
     timing = None
@@ -215,7 +196,7 @@ def run_bench(url: str, model: str = "ensemble", concurrency=(1, 2, 4, 8), input
 
     `progress`, if given, is called with each level's result as it finishes (for a live table).
     """
-    from trtqwen.client import GenerationParams
+    from trtqwen.client import TritonLLMClient, GenerationParams
 
     levels = [int(c) for c in concurrency]
     if not levels:
@@ -229,7 +210,7 @@ def run_bench(url: str, model: str = "ensemble", concurrency=(1, 2, 4, 8), input
     if max_requests_per_level < 1:
         raise UserError(f"max requests per level must be ≥ 1 (got {max_requests_per_level})")
 
-    client = counting_client(url, model)  # raises the UserError a user should see: unreachable / no such model
+    client = TritonLLMClient(url, model)  # raises the UserError a user should see: unreachable / no such model
     tok = load_tokenizer(tokenizer_dir)
     rng = random.Random(seed)
     n_prompts = max(levels) * 4

@@ -34,7 +34,7 @@ INPUT_DTYPES = {
     "pad_id": "INT32", "top_k": "INT32", "top_p": "FP32", "temperature": "FP32", "repetition_penalty": "FP32",
     "presence_penalty": "FP32", "frequency_penalty": "FP32", "seed": "UINT64", "random_seed": "UINT64",
     "min_tokens": "INT32", "min_length": "INT32", "stream": "BOOL", "beam_width": "INT32",
-    "exclude_input_in_output": "BOOL",
+    "exclude_input_in_output": "BOOL", "return_num_output_tokens": "BOOL",
 }
 
 
@@ -141,6 +141,7 @@ class TritonLLMClient:
             "text_input": [prompt.encode("utf-8") if isinstance(prompt, str) else prompt],
             "max_tokens": [p.max_tokens], "end_id": [p.end_id], "pad_id": [p.pad_id], "temperature": [p.temperature],
             "top_k": [p.top_k], "top_p": [p.top_p], "stream": [stream],
+            "return_num_output_tokens": [True],  # one response may carry several tokens (whole characters)
         }
         if p.stop_words:
             values["stop_words"] = [w.encode() for w in p.stop_words]

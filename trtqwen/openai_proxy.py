@@ -11,7 +11,7 @@ import threading
 import time
 import uuid
 
-from trtqwen.client import ENDOFTEXT, IM_END, GenerationParams, chatml
+from trtqwen.client import ENDOFTEXT, IM_END, GenerationParams, TritonLLMClient, chatml
 from trtqwen.errors import UserError
 
 DEFAULT_MAX_TOKENS = 256
@@ -154,7 +154,6 @@ def make_app(triton_url: str, model: str = "ensemble", served_model_name: str = 
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
 
-    from trtqwen.bench import counting_client
 
     app = FastAPI(title="trtqwen OpenAI-compatible API")
     state = {"client": None, "tokenizer": None}
@@ -170,7 +169,7 @@ def make_app(triton_url: str, model: str = "ensemble", served_model_name: str = 
         with lock:
             if state["client"] is None:
                 try:
-                    state["client"] = counting_client(triton_url, model)
+                    state["client"] = TritonLLMClient(triton_url, model)
                 except UserError as e:
                     raise APIError(503, f"the model server is unavailable: {e.message}", "server_error",
                                    code="service_unavailable") from None

@@ -1,6 +1,9 @@
 """Quantize an HF Qwen2 with NVIDIA ModelOpt and export a TensorRT-LLM checkpoint (config.json + rank{i}.safetensors).
 
-Calibration runs on CUDA when present, else on CPU, over the bundled offline set (or the user's file).
+The recipes follow TensorRT-LLM 1.2's examples/quantization/quantize.py (tensorrt_llm/quantization/
+quantize_by_modelopt.py): ModelOpt calibrates int8_sq / int4_awq / fp8 (and the KV cache when asked); int8_wo /
+int4_wo / bf16 / fp16 are exported unquantized and TensorRT-LLM quantizes weight-only formats when it loads the
+checkpoint. Calibration runs on CUDA when present, else on CPU, over the bundled offline set or the user's file.
 """
 
 from __future__ import annotations
@@ -14,197 +17,366 @@ import resource
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 from trtqwen.calib import load_calibration_texts
 from trtqwen.errors import UserError
 from trtqwen.spec import BuildSpec, KvDtype, Precision
-from trtqwen.trtllm_config import WEIGHT_ONLY, qwen_checkpoint_config
+from trtqwen.trtllm_config import CALIBRATED, WEIGHT_ONLY, qwen_checkpoint_config
+
+Progress = Callable[[str], None]
+AWQ_GROUP_SIZES = (64, 128)  # what TensorRT-LLM's W4A16_AWQ kernels take
+
+
+# ---------------------------------------------------------------- checks before any heavy work
+
+
+def _awq_inputs_per_rank(hf: dict, tp: int) -> dict[str, int]:
+    heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    return {  # input channels each rank's GEMM sees; AWQ groups run along them
+        "attention.dense (o_proj, row-parallel)": heads * head_dim // tp,
+        "mlp.proj (down_proj, row-parallel)": hf["intermediate_size"] // tp,
+        # the input of column-parallel layers is not split, but ModelOpt 0.37's exporter checks hidden/TP for them too
+        "attention.qkv / mlp.fc / mlp.gate (column-parallel)": hf["hidden_size"] // tp,
+    }
+
+
+def _awq_fits(hf: dict, tp: int, group: int) -> str | None:
+    """The first layer whose per-rank input is not a multiple of the AWQ group, or None."""
+    for layer, dim in _awq_inputs_per_rank(hf, tp).items():
+        if dim % group:
+            return f"{layer} has {dim} input channels per rank"
+    return None
 
 
 def check_shardable(hf: dict, spec: BuildSpec) -> None:
-    """Refuse, before any calibration, shapes that the chosen precision cannot split over spec.tp ranks."""
+    """Refuse, before loading or calibrating, shapes that the chosen precision cannot split over spec.tp ranks."""
     tp, heads = spec.tp, hf["num_attention_heads"]
     kv_heads = hf.get("num_key_value_heads", heads)
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-    if heads % tp or kv_heads % tp:
-        raise UserError(f"TP {tp} does not divide the model's {heads} query / {kv_heads} KV heads",
-                        "use a TP size that divides both")
+    # Fewer KV heads than ranks is fine when the exporter can copy them (tp a multiple of kv_heads), except for
+    # SmoothQuant, whose per-channel scales ModelOpt 0.37 cannot duplicate.
+    def kv_ok(t: int) -> bool:
+        return kv_heads % t == 0 or (t % kv_heads == 0 and spec.precision is not Precision.INT8_SQ)
+
+    if heads % tp or not kv_ok(tp):
+        ok = [t for t in (1, 2, 4) if heads % t == 0 and kv_ok(t)]
+        sq = " for int8_sq (SmoothQuant cannot duplicate KV heads)" if kv_ok(tp) is False and heads % tp == 0 else ""
+        raise UserError(
+            f"TP {tp} does not divide the model's {heads} query / {kv_heads} KV heads{sq}",
+            f"use --tp {' or '.join(map(str, ok))}" + (", or another precision" if sq else ""),
+        )
     if spec.precision is Precision.INT4_AWQ:
-        g = spec.awq_block_size
-        for layer, dim in (("attention.dense", heads * head_dim // tp), ("mlp.proj", hf["intermediate_size"] // tp),
-                           ("attention.qkv / mlp.fc", hf["hidden_size"])):
-            if dim % g:
-                raise UserError(
-                    f"INT4-AWQ at TP {tp}: {layer} has {dim} input channels per rank, not a multiple of the group size {g}",
-                    "use a lower --tp, or int8_sq / fp8 / int4_wo, which have no input-group constraint",
-                )
+        group = spec.awq_block_size
+        if group not in AWQ_GROUP_SIZES:
+            raise UserError(f"AWQ group size {group} is not supported", "TensorRT-LLM's W4A16_AWQ takes groups of 128 or 64")
+        bad = _awq_fits(hf, tp, group)
+        if bad:
+            tps = [t for t in (1, 2, 4) if t < tp and heads % t == 0 and kv_ok(t) and not _awq_fits(hf, t, group)]
+            groups = [g for g in AWQ_GROUP_SIZES if g != group and not _awq_fits(hf, tp, g)]
+            ways = ([f"--tp {tps[-1]}"] if tps else []) + [f"an AWQ group size of {g} (awq_block_size)" for g in groups]
+            ways.append("a precision without input groups (int4_wo, int8_sq, fp8, int8_wo)")
+            raise UserError(
+                f"INT4-AWQ at TP {tp}: {bad}, not a multiple of the group size {group}",
+                "use " + ", or ".join(ways),
+            )
+
+
+def _check_hf_dir(hf_dir: Path) -> dict:
+    config = hf_dir / "config.json"
+    if not config.is_file():
+        raise UserError(f"{hf_dir} has no config.json", "point --model at a Hugging Face checkpoint directory")
+    if not any(hf_dir.glob("*.safetensors")):
+        raise UserError(f"{hf_dir} has no *.safetensors weights",
+                        "only safetensors checkpoints are loaded (pickle .bin files can run code); convert them first")
+    return json.loads(config.read_text())
+
+
+# ---------------------------------------------------------------- recipe, model, calibration
 
 
 def modelopt_config(spec: BuildSpec) -> dict | None:
-    """ModelOpt quantization recipe as TensorRT-LLM's examples/quantization/quantize.py chooses it."""
+    """ModelOpt quantization config for spec, as TensorRT-LLM's quantize.py chooses it; None: nothing to calibrate."""
     import modelopt.torch.quantization as mtq
 
-    base = {
-        Precision.INT8_SQ: mtq.INT8_SMOOTHQUANT_CFG,
-        Precision.INT4_AWQ: mtq.INT4_AWQ_CFG,
-        Precision.FP8: mtq.FP8_DEFAULT_CFG,
-    }.get(spec.precision)
     kv_bits = {KvDtype.INT8: 8, KvDtype.FP8: (4, 3)}.get(spec.kv_cache_dtype)
-    if base is None and kv_bits is None:
-        return None  # bf16 / fp16 / weight-only (TensorRT-LLM quantizes weight-only formats itself)
-    cfg = copy.deepcopy(base) if base else {"quant_cfg": {"default": {"enable": False}}, "algorithm": "max"}
+    if spec.precision not in CALIBRATED and kv_bits is None:
+        return None  # bf16 / fp16 / weight-only: exported as 16-bit weights
+    if spec.precision not in CALIBRATED:
+        # TensorRT-LLM's EMPTY_CFG: every GEMM quantizer off; only the KV cache below is calibrated
+        cfg = {"quant_cfg": {"*weight_quantizer": {"enable": False}, "*input_quantizer": {"enable": False},
+                             "*lm_head*": {"enable": False}, "default": {"enable": False}}, "algorithm": "max"}
+    else:
+        cfg = copy.deepcopy({Precision.INT8_SQ: mtq.INT8_SMOOTHQUANT_CFG, Precision.INT4_AWQ: mtq.INT4_AWQ_CFG,
+                             Precision.FP8: mtq.FP8_DEFAULT_CFG}[spec.precision])
     if spec.precision is Precision.INT4_AWQ:
         cfg["quant_cfg"]["*weight_quantizer"]["block_sizes"][-1] = spec.awq_block_size
     if spec.precision is Precision.INT8_SQ:
         cfg["algorithm"] = {"method": "smoothquant", "alpha": spec.sq_alpha}
     if kv_bits is not None:
+        # ModelOpt 0.37 reads KV scales from the attention's k/v BMM quantizers (FP8_KV_CFG's pattern); TensorRT-LLM's
+        # older int8 recipe (k_proj/v_proj output quantizers) is no longer what its exporter reads.
         cfg["quant_cfg"]["*[kv]_bmm_quantizer"] = {"num_bits": kv_bits, "axis": None, "enable": True}
     return cfg
+
+
+def pick_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load_hf_model(hf_dir: Path, spec: BuildSpec, device: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    # Calibrate in float32 on CPU (bf16 matmuls are slow there), in the export dtype on CUDA.
-    dtype = getattr(torch, spec.dtype) if device == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=dtype, trust_remote_code=False,
-                                                 use_safetensors=True).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, spec.dtype), trust_remote_code=False,
+                                                 use_safetensors=True, low_cpu_mem_usage=True).to(device).eval()
     model.config.architectures = ["Qwen2ForCausalLM"]  # the exporter needs it; configs built in code lack it
     return model
 
 
-def calibrate(model, tokenizer, spec: BuildSpec, cfg: dict, device: str) -> float:
+def load_tokenizer(hf_dir: Path):
+    from transformers import AutoTokenizer
+
+    hint = "calibration tokenizes text: the HF directory needs the model's tokenizer (tokenizer.json or vocab.json + merges.txt)"
+    if not any((Path(hf_dir) / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer.model")):
+        raise UserError(f"{hf_dir} has no tokenizer files", hint)
+    try:
+        return AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=False)
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"cannot load the tokenizer from {hf_dir}: {e}", hint) from e
+
+
+def calibration_batches(tokenizer, spec: BuildSpec, device: str) -> list:
+    texts = load_calibration_texts(Path(spec.calib_data) if spec.calib_data else None, spec.calib_size)
+    batches = []
+    for text in texts:
+        ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=spec.calib_seq_len)["input_ids"]
+        if ids.shape[-1]:
+            batches.append(ids.to(device))
+    if not batches:
+        raise UserError("the calibration texts tokenize to nothing", "give --calib-data a file with real text")
+    return batches
+
+
+def calibrate(model, tokenizer, spec: BuildSpec, cfg: dict, device: str, say: Progress) -> dict:
+    """mtq.quantize over the calibration set, one sample per forward (no padding to mask)."""
     import modelopt.torch.quantization as mtq
     import torch
 
-    texts = load_calibration_texts(spec.calib_data, spec.calib_size)
-    batches = [tokenizer(t, return_tensors="pt", truncation=True, max_length=spec.calib_seq_len)["input_ids"].to(device)
-               for t in texts]
+    batches = calibration_batches(tokenizer, spec, device)
+    tokens = sum(b.shape[-1] for b in batches)
+    say(f"calibrating {spec.precision.value} (KV {spec.kv_cache_dtype.value}) on {device}: "
+        f"{len(batches)} samples, {tokens} tokens")
 
     def forward_loop(m):
         with torch.no_grad():
             for ids in batches:
-                m(ids)
+                m(input_ids=ids)
 
-    t0 = time.time()
+    t0 = time.perf_counter()
     mtq.quantize(model, cfg, forward_loop=forward_loop)
-    return time.time() - t0
+    return {"quantize_seconds": round(time.perf_counter() - t0, 2), "calib_samples": len(batches),
+            "calib_tokens": tokens}
+
+
+# ---------------------------------------------------------------- the export
 
 
 @contextlib.contextmanager
-def _qwen_config_without_tensorrt_llm():
-    """ModelOpt builds the Qwen config through tensorrt_llm.models.QWenConfig and raises without TensorRT-LLM;
-    the weight conversion before it needs only the rank and mapping, so give it those and write the real
-    config ourselves (trtllm_config.py)."""
-    import modelopt.torch.export.model_config_export as mce
+def _config_step_without_tensorrt_llm():
+    """Let ModelOpt 0.37 export Qwen weights without TensorRT-LLM.
 
+    Its `convert_to_tensorrt_llm_config` takes the Qwen fields from `tensorrt_llm.models.QWenConfig` and raises
+    NotImplementedError for "qwen" without it, after the weights are already converted. For the duration of the
+    export it is replaced by a stand-in returning a dict of its own with what the exporter reads from it (`rank`,
+    `mapping.world_size`, `decoder`, `quantization`) plus the padded vocabulary; trtllm_config.py writes the real
+    config afterwards. With TensorRT-LLM importable, ModelOpt's own path runs untouched.
+    """
     if importlib.util.find_spec("tensorrt_llm") is not None:
         yield
         return
+    import modelopt
+    import modelopt.torch.export.model_config_export as mce
+
     original = mce.convert_to_tensorrt_llm_config
 
-    def minimal(model_config, quant_config, hf_config=None):
-        tp = model_config.tensor_parallel
-        return {"rank": model_config.rank, "decoder": "qwen", "quantization": quant_config,
-                "mapping": {"world_size": tp, "tp_size": tp, "pp_size": 1}}
+    def stand_in(model_config, quant_config, hf_config=None):
+        tp, pp = model_config.tensor_parallel, model_config.pipeline_parallel
+        attention = next(layer.attention for layer in model_config.layers if layer.attention)
+        quant_config["kv_cache_quant_algo"] = attention.kv_cache_dtype  # as the original does
+        return {
+            "producer": {"name": "modelopt", "version": modelopt.__version__},
+            "rank": model_config.rank,
+            "decoder": model_config.layers[0].decoder_type,
+            "mapping": {"world_size": tp * pp, "tp_size": tp, "pp_size": pp},
+            "quantization": quant_config,
+            "vocab_size": model_config.vocab_size,
+            "use_parallel_embedding": True,
+            "share_embedding_table": model_config.lm_head is None,
+        }
 
-    mce.convert_to_tensorrt_llm_config = minimal
+    mce.convert_to_tensorrt_llm_config = stand_in
     try:
         yield
     finally:
         mce.convert_to_tensorrt_llm_config = original
 
 
-def export_checkpoint(hf_dir: Path, spec: BuildSpec, out_dir: Path, progress=None) -> dict:
-    """HF dir → TensorRT-LLM checkpoint in out_dir (written to a temporary dir, renamed when complete)."""
-    import torch
-    from transformers import AutoTokenizer
+def _temp_dir_beside(out_dir: Path) -> Path:
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".tmp-{out_dir.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
 
-    hf = json.loads((Path(hf_dir) / "config.json").read_text())
-    check_shardable(hf, spec)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    t0 = time.time()
-    model = load_hf_model(Path(hf_dir), spec, device)
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=False) if modelopt_config(spec) else None
-    info = export_model(model, hf, tokenizer, spec, Path(out_dir), progress)
-    info["load_seconds"] = round(time.time() - t0 - info["quantize_seconds"] - info["export_seconds"], 2)
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Replace out_dir by the finished tmp dir (same filesystem: the rename is atomic)."""
+    if out_dir.exists():
+        old = out_dir.parent / f".old-{out_dir.name}-{os.getpid()}"
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+
+
+def _check_exported(exported: dict, spec: BuildSpec) -> None:
+    """ModelOpt must report the format spec asked for; anything else would be mislabelled in config.json."""
+    q = exported.get("quantization") or {}
+    want = spec.quant_algo if spec.precision in CALIBRATED else None
+    if q.get("quant_algo") != want:
+        raise RuntimeError(f"ModelOpt exported quant_algo {q.get('quant_algo')!r}, expected {want!r}")
+    if spec.kv_cache_quant_algo and q.get("kv_cache_quant_algo") != spec.kv_cache_quant_algo:
+        raise RuntimeError(f"ModelOpt exported kv_cache_quant_algo {q.get('kv_cache_quant_algo')!r}, "
+                           f"expected {spec.kv_cache_quant_algo!r}")
+
+
+def quantize_model(model, tokenizer, spec: BuildSpec, progress: Progress | None = None) -> dict:
+    """Calibrate and quantize an in-memory HF Qwen2 in place per spec (nothing to do for bf16/fp16/weight-only)."""
+    device = next(model.parameters()).device.type
+    info: dict = {"device": device, "quantize_seconds": 0.0, "calib_samples": 0, "calib_tokens": 0}
+    cfg = modelopt_config(spec)
+    if cfg is not None:
+        if tokenizer is None:
+            raise UserError(f"{spec.precision.value} (KV {spec.kv_cache_dtype.value}) needs calibration and a tokenizer")
+        info.update(calibrate(model, tokenizer, spec, cfg, device, progress or (lambda msg: None)))
     return info
 
 
-def export_model(model, hf: dict, tokenizer, spec: BuildSpec, out_dir: Path, progress=None) -> dict:
-    """Quantize an in-memory HF Qwen2 per spec and write its TensorRT-LLM checkpoint to out_dir."""
+def write_checkpoint(model, hf: dict, spec: BuildSpec, out_dir: Path, progress: Progress | None = None) -> dict:
+    """Export an (already quantized) HF Qwen2 as a TensorRT-LLM checkpoint with spec.tp ranks into out_dir.
+
+    The same quantized model can be written at several TP sizes: the split happens here, not in calibration.
+    """
     import torch
-    from modelopt.torch.export.model_config_export import torch_to_tensorrt_llm_checkpoint
-    from safetensors.torch import save_file
+    from modelopt.torch.export import export_tensorrt_llm_checkpoint
 
     say = progress or (lambda msg: None)
     check_shardable(hf, spec)
-    device = next(model.parameters()).device.type
-    cfg = modelopt_config(spec)
-    quant_seconds = 0.0
-    if cfg is not None:
-        say(f"calibrating {spec.precision.value} on {device} with {spec.calib_size} samples")
-        quant_seconds = calibrate(model, tokenizer, spec, cfg, device)
-
-    tmp = out_dir.parent / f".tmp-{out_dir.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    t1 = time.time()
-    exported_quant, parallel_embedding = None, False
+    out_dir = Path(out_dir)
+    model.config.architectures = ["Qwen2ForCausalLM"]  # the exporter needs it; configs built in code lack it
+    say(f"exporting {spec.tp} rank(s) as {spec.quant_algo or spec.dtype}")
+    tmp = _temp_dir_beside(out_dir)
+    t0 = time.perf_counter()
     try:
-        with _qwen_config_without_tensorrt_llm(), torch.inference_mode():
-            for rank_cfg, weights, quant in torch_to_tensorrt_llm_checkpoint(
-                model, "qwen", getattr(torch, spec.dtype), inference_tensor_parallel=spec.tp
-            ):
-                rank = rank_cfg["rank"]
-                emb = weights.get("transformer.vocab_embedding.weight")
-                parallel_embedding |= emb is not None and emb.shape[0] < hf["vocab_size"]
-                save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / f"rank{rank}.safetensors"))
-                exported_quant = {k: v for k, v in (quant or {}).items() if k != "quantized_layers"} or None
-                say(f"exported rank {rank}")
-        config = qwen_checkpoint_config(hf, spec, exported_quant, parallel_embedding)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        with _config_step_without_tensorrt_llm(), torch.inference_mode():
+            export_tensorrt_llm_checkpoint(model, "qwen", getattr(torch, spec.dtype), export_dir=tmp,
+                                           inference_tensor_parallel=spec.tp)
+        exported = json.loads((tmp / "config.json").read_text())
+        _check_exported(exported, spec)
+        # ModelOpt's per-layer file for mixed precision; with a single format (or none) it only restates, wrongly
+        # for weight-only, what config.json says, and TensorRT-LLM reads it only for MIXED_PRECISION.
+        (tmp / "quant_cfg.json").unlink(missing_ok=True)
+        config = qwen_checkpoint_config(hf, spec, exported)
+        (tmp / "config.json").write_text(json.dumps(config, indent=4) + "\n")
+        missing = [f"rank{r}.safetensors" for r in range(spec.tp) if not (tmp / f"rank{r}.safetensors").is_file()]
+        if missing:
+            raise RuntimeError(f"ModelOpt wrote no {', '.join(missing)}")
+        _publish(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    files = {p.name: p.stat().st_size for p in sorted(out_dir.iterdir())}
+    say(f"wrote {out_dir} ({sum(files.values()) / 1e6:.1f} MB)")
     return {
-        "device": device,
         "quant_algo": config["quantization"]["quant_algo"],
         "kv_cache_quant_algo": config["quantization"]["kv_cache_quant_algo"],
-        "quantize_seconds": round(quant_seconds, 2),
-        "export_seconds": round(time.time() - t1, 2),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "files": sorted(p.name for p in out_dir.iterdir()),
+        # int8_wo / int4_wo: 16-bit weights here, quantized per channel by TensorRT-LLM when it loads them
         "weight_only_by_tensorrt_llm": spec.precision in WEIGHT_ONLY,
+        "export_seconds": round(time.perf_counter() - t0, 2),
+        "files": files,
     }
 
 
-def export_hf_checkpoint_dir(hf_dir: Path, spec: BuildSpec, out_dir: Path) -> dict:
-    """ModelOpt's unified HF checkpoint (input of TensorRT-LLM's PyTorch backend / the llmapi Triton model)."""
+def _peak_memory(device: str) -> dict:
+    import torch
+
+    peak = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # Linux: KiB
+    if device == "cuda":
+        peak["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return peak
+
+
+def export_model(model, hf: dict, tokenizer, spec: BuildSpec, out_dir: Path, progress: Progress | None = None) -> dict:
+    """Quantize an in-memory HF Qwen2 per spec and write its TensorRT-LLM checkpoint to out_dir."""
+    check_shardable(hf, spec)
+    info = quantize_model(model, tokenizer, spec, progress)
+    info.update(write_checkpoint(model, hf, spec, out_dir, progress))
+    return {**info, **_peak_memory(info["device"])}
+
+
+def export_checkpoint(hf_dir: Path, spec: BuildSpec, out_dir: Path, progress: Progress | None = None) -> dict:
+    """HF dir → TensorRT-LLM checkpoint in out_dir (built in a temporary dir beside it, renamed when complete).
+
+    Returns device, quant_algo, kv_cache_quant_algo, files {name: bytes}, load/quantize/export seconds,
+    calib_samples/tokens and peak_rss_mb (peak_gpu_mb on CUDA).
+    """
+    hf_dir = Path(hf_dir)
+    hf = _check_hf_dir(hf_dir)
+    check_shardable(hf, spec)  # before the minutes of loading and calibrating
+    say = progress or (lambda msg: None)
+    device = pick_device()
+    t0 = time.perf_counter()
+    say(f"loading {hf_dir} ({spec.dtype}) on {device}")
+    model = load_hf_model(hf_dir, spec, device)
+    tokenizer = load_tokenizer(hf_dir) if modelopt_config(spec) is not None else None
+    load_seconds = round(time.perf_counter() - t0, 2)
+    info = export_model(model, hf, tokenizer, spec, Path(out_dir), progress)
+    return {"load_seconds": load_seconds, **info}
+
+
+def export_hf_checkpoint_dir(hf_dir: Path, spec: BuildSpec, out_dir: Path, progress: Progress | None = None) -> dict:
+    """ModelOpt's unified HF checkpoint (the input of TensorRT-LLM's PyTorch backend / trtllm-serve / llmapi)."""
     import torch
     from modelopt.torch.export import export_hf_checkpoint
-    from transformers import AutoTokenizer
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_hf_model(Path(hf_dir), spec, device)
+    if spec.precision in WEIGHT_ONLY:
+        raise UserError(
+            f"{spec.precision.value} has no unified HF checkpoint format in ModelOpt 0.37",
+            "weight-only int8/int4 is quantized by trtllm-build: use --format trtllm, or int4_awq / fp8 for the HF format",
+        )
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    _check_hf_dir(hf_dir)
+    say = progress or (lambda msg: None)
+    device = pick_device()
+    model = load_hf_model(hf_dir, spec, device)
     cfg = modelopt_config(spec)
+    info: dict = {"device": device, "quantize_seconds": 0.0}
     if cfg is not None:
-        calibrate(model, AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=False), spec, cfg, device)
+        info.update(calibrate(model, load_tokenizer(hf_dir), spec, cfg, device, say))
     model = model.to(getattr(torch, spec.dtype))
-    out_dir = Path(out_dir)
-    tmp = out_dir.parent / f".tmp-{out_dir.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = _temp_dir_beside(out_dir)
+    t0 = time.perf_counter()
     try:
-        export_hf_checkpoint(model, export_dir=str(tmp))
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
-            if (Path(hf_dir) / name).is_file():
-                shutil.copy2(Path(hf_dir) / name, tmp / name)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        export_hf_checkpoint(model, dtype=getattr(torch, spec.dtype), export_dir=tmp)
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                     "vocab.json", "merges.txt", "chat_template.jinja"):
+            if (hf_dir / name).is_file() and not (tmp / name).exists():
+                shutil.copy2(hf_dir / name, tmp / name)
+        _publish(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"dir": str(out_dir), "files": sorted(p.name for p in out_dir.iterdir())}
+    info.update(export_seconds=round(time.perf_counter() - t0, 2), dir=str(out_dir),
+                files={p.name: p.stat().st_size for p in sorted(out_dir.iterdir())}, **_peak_memory(device))
+    return info

@@ -1,0 +1,67 @@
+"""tritonserver launching: the mpirun layout for TP ranks, refusals, and the log shown when a server fails."""
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from trtqwen import server
+from trtqwen.errors import UserError
+
+INSTALL = server.TritonInstall("system", Path("/opt/tritonserver"))
+
+
+def test_single_process_binds_localhost():
+    cmd = server.server_command(INSTALL, Path("/r"), "127.0.0.1", 8000, 8001, 8002)
+    assert cmd[0] == "/opt/tritonserver/bin/tritonserver"
+    assert {"--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1"} <= set(cmd)
+
+
+def test_tp_ranks_under_mpirun_like_the_backend_launcher():
+    cmd = server.server_command(INSTALL, Path("/r"), "127.0.0.1", 8000, 8001, 8002, world_size=2)
+    assert cmd[:2] == ["mpirun", "--allow-run-as-root"] and cmd.count("-n") == 2 and cmd.count(":") == 1
+    rank0, rank1 = " ".join(cmd).split(" : ")
+    assert "shm-region-prefix-name=prefix0_" in rank0 and "shm-region-prefix-name=prefix1_" in rank1
+    assert "--load-model=tensorrt_llm" in rank1 and "--model-control-mode=explicit" in rank1
+    assert "--load-model" not in rank0  # rank 0 serves every model
+
+
+def test_port_in_use_is_refused(tmp_path):
+    (tmp_path / "repo").mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(UserError, match=f"port {port} on 127.0.0.1 is already in use"):
+            server.start(tmp_path / "repo", [], http_port=port, grpc_port=port + 1, metrics_port=port + 2)
+
+
+def test_missing_repository_is_refused(tmp_path):
+    with pytest.raises(UserError, match="no model repository"):
+        server.start(tmp_path / "nope", [])
+
+
+@pytest.mark.slow
+def test_a_failing_model_shows_the_log_and_leaves_no_server(tmp_path):
+    model = tmp_path / "repo" / "broken"
+    (model / "1").mkdir(parents=True)
+    (model / "config.pbtxt").write_text('name: "broken"\nbackend: "python"\nmax_batch_size: 0\n'
+                                        'input [{ name: "x" data_type: TYPE_STRING dims: [1] }]\n'
+                                        'output [{ name: "y" data_type: TYPE_STRING dims: [1] }]\n')
+    (model / "1" / "model.py").write_text("raise RuntimeError('this model is broken on purpose')\n")
+    with pytest.raises(UserError) as e:
+        server.start(tmp_path / "repo", ["broken"], http_port=18900, grpc_port=18901, metrics_port=18902, timeout=120)
+    assert "broken on purpose" in str(e.value)
+    assert server.port_free("127.0.0.1", 18900) and not (tmp_path / "repo" / server.STATE_FILE).exists()
+
+
+def test_cli_print_command_and_stop(served_tiny):
+    from typer.testing import CliRunner
+
+    from trtqwen.cli import app
+
+    repo = served_tiny[2]
+    r = CliRunner().invoke(app, ["serve", str(repo), "--print-command", "--http-port", "9100"])
+    assert r.exit_code == 0 and "tritonserver" in r.output and "--http-port=9100" in r.output
+    r = CliRunner().invoke(app, ["serve", str(repo.parent / "not-a-repo")])
+    assert r.exit_code == 2 and "trtqwen package" in r.output

@@ -435,3 +435,15 @@ def test_cumulative_text_becomes_clean_deltas():
     assert pushed == ["你", "好", "世", "界"]
     d = TextDeltas()  # a backend that streams deltas instead
     assert [d.push("Hel"), d.push("lo"), d.push(" 世"), d.push("界", final=True)] == ["Hel", "lo", " 世", "界"]
+
+
+@pytest.mark.parametrize("kv,precision,on", [("auto", "int4_awq", True), ("int8", "int4_awq", False),
+                                             ("fp8", "fp8", True), ("fp8", "bf16", False)])
+def test_kv_reuse_and_chunked_context_follow_the_engine(tmp_path, kv, precision, on):
+    """Engines without paged context FMHA (INT8 KV, FP8 KV without FP8 weights) can't reuse KV or chunk context."""
+    b = make_build(tmp_path / "b", spec={"kv_cache_dtype": kv, "precision": precision}, engine="1.2.1")
+    repo = generate_repo(b, tmp_path / "repo", runtime="trtllm", serving_tensorrt_llm="1.2.1")
+    params = from_pbtxt((repo / "tensorrt_llm" / "config.pbtxt").read_text()).parameters
+    want = "true" if on else "false"
+    assert params["enable_kv_cache_reuse"].string_value == want
+    assert params["enable_chunked_context"].string_value == want

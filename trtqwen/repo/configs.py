@@ -72,7 +72,7 @@ def _trtllm_common_params(s: RepoSettings) -> dict[str, str]:
         "kv_cache_free_gpu_mem_fraction": s.kv_cache_free_gpu_mem_fraction,
         "enable_kv_cache_reuse": _b(s.enable_kv_cache_reuse),
         "exclude_input_in_output": _b(s.exclude_input_in_output),
-        "enable_chunked_context": "true",
+        "enable_chunked_context": _b(s.enable_chunked_context),
         "tokenizer_dir": s.tokenizer_dir,
     }
 

@@ -11,7 +11,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from trtqwen.engine import engine_features
 from trtqwen.errors import UserError
+from trtqwen.spec import BuildSpec
 
 RUNTIMES = ("torch", "trtllm", "llmapi")
 # Qwen2.5: <|im_end|> ends an assistant turn, <|endoftext|> pads (FACTS §2); used when the tokenizer lacks them.
@@ -35,6 +37,7 @@ class RepoSettings:
     end_id: int
     pad_id: int
     enable_kv_cache_reuse: bool = True
+    enable_chunked_context: bool = True  # both need paged context FMHA in the engine (engine.engine_features)
     exclude_input_in_output: bool = True  # tensorrtllm_backend's default (false) echoes the prompt
     batch_scheduler_policy: str = "guaranteed_no_evict"
     batching_strategy: str = "inflight_fused_batching"
@@ -71,7 +74,7 @@ class RepoSettings:
             "enable_kv_cache_reuse": b(self.enable_kv_cache_reuse),
             "exclude_input_in_output": b(self.exclude_input_in_output),
             "batch_scheduler_policy": self.batch_scheduler_policy,
-            "enable_chunked_context": "true",
+            "enable_chunked_context": b(self.enable_chunked_context),
             "gpu_device_ids": self.gpu_device_ids,
             "add_special_tokens": b(self.add_special_tokens),
             "skip_special_tokens": b(self.skip_special_tokens),
@@ -131,10 +134,12 @@ def resolve_settings(build_dir: Path, manifest: dict, runtime: str, model_dir: P
                         "it is the share of the GPU memory left after the weights that the KV cache takes")
     tokenizer_dir = (build_dir / manifest.get("tokenizer_dir", "tokenizer")).resolve()
     end_id, pad_id = special_token_ids(tokenizer_dir)
+    paged = engine_features(BuildSpec.from_dict(spec))["paged_context_fmha"] if runtime == "trtllm" else True
     return RepoSettings(
         runtime=runtime, max_batch_size=int(batch), max_input_len=int(spec["max_input_len"]),
         max_seq_len=int(spec["max_seq_len"]), max_num_tokens=int(spec["max_num_tokens"]), tp=int(spec["tp"]),
         instances=int(instances), kv_cache_free_gpu_mem_fraction=float(fraction), streaming=bool(streaming),
         model_dir=str(model_dir.resolve()), tokenizer_dir=str(tokenizer_dir), end_id=end_id, pad_id=pad_id,
+        enable_kv_cache_reuse=paged, enable_chunked_context=paged,
         trtqwen_src=str(Path(__file__).resolve().parents[2]),
     )

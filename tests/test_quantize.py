@@ -178,7 +178,7 @@ def test_checkpoint_layout_and_config(checkpoint, hf_config, precision, tp):
     want = expected_layout(precision, tp)
     for r in range(tp):
         got = tensors(d / f"rank{r}.safetensors")
-        assert set(got) == set(want), f"rank {r}: extra {sorted(set(got) - set(want))}, missing {sorted(set(want) - set(got))}"
+        assert set(got) == set(want), f"rank {r}: extra {set(got) - set(want)}, missing {set(want) - set(got)}"
         for name, (shape, dtype) in want.items():
             assert got[name] == (shape, dtype), f"rank {r} {name}: {got[name]} != {(shape, dtype)}"
     check_config(json.loads((d / "config.json").read_text()), hf_config, precision, tp)
@@ -187,7 +187,7 @@ def test_checkpoint_layout_and_config(checkpoint, hf_config, precision, tp):
 @pytest.mark.parametrize("tp", [2, 4])
 def test_bf16_shards_hold_the_right_slices(checkpoint, model_dir, tp):
     """Column-parallel layers split the output (qkv per rank = [q_r; k_r; v_r]), row-parallel the input, lm_head and
-    the embedding the vocabulary; fc is gate_proj (the SiLU branch) and gate is up_proj, as TensorRT-LLM's GatedMLP has it."""
+    the embedding the vocabulary; fc is gate_proj (the SiLU branch) and gate is up_proj, as in TensorRT-LLM's GatedMLP."""
     hf = load_file(str(model_dir / "model.safetensors"))
     d = checkpoint("bf16", tp)
 
@@ -245,7 +245,8 @@ def test_export_checkpoint_end_to_end(model_dir, hf_config, tmp_path):
     messages = []
     spec = BuildSpec(model=str(model_dir), precision="int8_sq", tp=2, kv_cache_dtype="int8", **CALIB)
     info = quantize.export_checkpoint(model_dir, spec, tmp_path / "ck", progress=messages.append)
-    assert info["device"] == quantize.pick_device() and info["quant_algo"] == "W8A8_SQ_PER_CHANNEL" and info["kv_cache_quant_algo"] == "INT8"
+    assert info["device"] == quantize.pick_device()
+    assert info["quant_algo"] == "W8A8_SQ_PER_CHANNEL" and info["kv_cache_quant_algo"] == "INT8"
     assert info["calib_samples"] == CALIB["calib_size"] and 0 < info["calib_tokens"] <= 4 * CALIB["calib_seq_len"]
     assert set(info["files"]) == {"config.json", "rank0.safetensors", "rank1.safetensors"}
     assert all(size > 0 for size in info["files"].values()) and info["peak_rss_mb"] > 0
@@ -367,7 +368,8 @@ def test_native_modelopt_path_is_left_alone_when_tensorrt_llm_is_importable(monk
     import modelopt.torch.export.model_config_export as mce
 
     original, find_spec = mce.convert_to_tensorrt_llm_config, importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "tensorrt_llm" else find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "tensorrt_llm" else find_spec(name, *a))
     with quantize._config_step_without_tensorrt_llm():
         assert mce.convert_to_tensorrt_llm_config is original
     monkeypatch.undo()

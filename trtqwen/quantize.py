@@ -61,7 +61,8 @@ def check_shardable(hf: dict, spec: BuildSpec) -> None:
 
     if heads % tp or not kv_ok(tp):
         ok = [t for t in (1, 2, 4) if heads % t == 0 and kv_ok(t)]
-        sq = " for int8_sq (SmoothQuant cannot duplicate KV heads)" if kv_ok(tp) is False and heads % tp == 0 else ""
+        sq_only = spec.precision is Precision.INT8_SQ and heads % tp == 0 and tp % kv_heads == 0
+        sq = " for int8_sq (SmoothQuant cannot duplicate KV heads)" if sq_only else ""
         raise UserError(
             f"TP {tp} does not divide the model's {heads} query / {kv_heads} KV heads{sq}",
             f"use --tp {' or '.join(map(str, ok))}" + (", or another precision" if sq else ""),
@@ -139,7 +140,8 @@ def load_hf_model(hf_dir: Path, spec: BuildSpec, device: str):
 def load_tokenizer(hf_dir: Path):
     from transformers import AutoTokenizer
 
-    hint = "calibration tokenizes text: the HF directory needs the model's tokenizer (tokenizer.json or vocab.json + merges.txt)"
+    hint = ("calibration tokenizes text: the HF directory needs the model's tokenizer "
+            "(tokenizer.json, or vocab.json + merges.txt)")
     if not any((Path(hf_dir) / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer.model")):
         raise UserError(f"{hf_dir} has no tokenizer files", hint)
     try:
@@ -326,6 +328,20 @@ def export_model(model, hf: dict, tokenizer, spec: BuildSpec, out_dir: Path, pro
     return {**info, **_peak_memory(info["device"])}
 
 
+@contextlib.contextmanager
+def _gpu_memory_is_a_user_error(hf_dir: Path):
+    import torch
+
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as e:
+        raise UserError(
+            f"the GPU ran out of memory quantizing {hf_dir} ({e})",
+            "a 7B model in bf16 needs more than a 24 GB card for calibration: quantize on a larger GPU, or on the CPU "
+            "with CUDA_VISIBLE_DEVICES= (slower; about 2× the model's size in RAM), then build the engine here",
+        ) from None
+
+
 def export_checkpoint(hf_dir: Path, spec: BuildSpec, out_dir: Path, progress: Progress | None = None) -> dict:
     """HF dir → TensorRT-LLM checkpoint in out_dir (built in a temporary dir beside it, renamed when complete).
 
@@ -337,12 +353,13 @@ def export_checkpoint(hf_dir: Path, spec: BuildSpec, out_dir: Path, progress: Pr
     check_shardable(hf, spec)  # before the minutes of loading and calibrating
     say = progress or (lambda msg: None)
     device = pick_device()
+    tokenizer = load_tokenizer(hf_dir) if modelopt_config(spec) is not None else None
     t0 = time.perf_counter()
     say(f"loading {hf_dir} ({spec.dtype}) on {device}")
-    model = load_hf_model(hf_dir, spec, device)
-    tokenizer = load_tokenizer(hf_dir) if modelopt_config(spec) is not None else None
-    load_seconds = round(time.perf_counter() - t0, 2)
-    info = export_model(model, hf, tokenizer, spec, Path(out_dir), progress)
+    with _gpu_memory_is_a_user_error(hf_dir):
+        model = load_hf_model(hf_dir, spec, device)
+        load_seconds = round(time.perf_counter() - t0, 2)
+        info = export_model(model, hf, tokenizer, spec, Path(out_dir), progress)
     return {"load_seconds": load_seconds, **info}
 
 
@@ -360,16 +377,17 @@ def export_hf_checkpoint_dir(hf_dir: Path, spec: BuildSpec, out_dir: Path, progr
     _check_hf_dir(hf_dir)
     say = progress or (lambda msg: None)
     device = pick_device()
-    model = load_hf_model(hf_dir, spec, device)
     cfg = modelopt_config(spec)
+    tokenizer = load_tokenizer(hf_dir) if cfg is not None else None
     info: dict = {"device": device, "quantize_seconds": 0.0}
-    if cfg is not None:
-        info.update(calibrate(model, load_tokenizer(hf_dir), spec, cfg, device, say))
-    model = model.to(getattr(torch, spec.dtype))
     tmp = _temp_dir_beside(out_dir)
-    t0 = time.perf_counter()
     try:
-        export_hf_checkpoint(model, dtype=getattr(torch, spec.dtype), export_dir=tmp)
+        with _gpu_memory_is_a_user_error(hf_dir):
+            model = load_hf_model(hf_dir, spec, device)
+            if cfg is not None:
+                info.update(calibrate(model, tokenizer, spec, cfg, device, say))
+            t0 = time.perf_counter()
+            export_hf_checkpoint(model.to(getattr(torch, spec.dtype)), dtype=getattr(torch, spec.dtype), export_dir=tmp)
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                      "vocab.json", "merges.txt", "chat_template.jinja"):
             if (hf_dir / name).is_file() and not (tmp / name).exists():

@@ -301,7 +301,8 @@ def bench(
     try:
         r = bench_mod.run_bench(url, model, levels, input_len, output_len, duration, warmup,
                                 str(tokenizer) if tokenizer else None, metrics_url,
-                                progress=lambda msg: err.print(f"[dim]{msg}[/]"))
+                                progress=lambda lv: err.print(f"[dim]{lv['concurrency']} users: {lv['requests']} requests, "
+                                                              f"{lv['total_tok_s']:.1f} tok/s total, {lv['errors']} errors[/]"))
         print(bench_mod.format_table(r))
         files = bench_mod.write_reports(r, out)
         console.print("wrote " + ", ".join(str(p) for p in files.values()))

@@ -32,7 +32,7 @@ def free_block(n: int) -> list[int]:
         ports = list(range(base, base + n))
         if all(_free(p) for p in ports):
             return ports
-    pytest.skip("no free ports in 19200–19999")
+    pytest.fail("no free block of ports in 19200–19999: something else holds them")
 
 
 class Served:

@@ -35,10 +35,6 @@ def not_yet(feature: str, issue: int) -> None:
     raise typer.Exit(3)
 
 
-def gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB"
-
-
 @app.command()
 def plan(
     model: Optional[Path] = typer.Option(None, "--model", help="HF config.json or model dir; default: built-in Qwen2.5-7B dims"),

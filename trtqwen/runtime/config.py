@@ -35,16 +35,18 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, c: dict) -> "ModelConfig":
+        from trtqwen.plan import ModelDims
+        from trtqwen.trtllm_config import rope_theta
+
         arch = (c.get("architectures") or ["?"])[0]
         if arch != "Qwen2ForCausalLM":
             raise UserError(f"checkpoint architecture is {arch}, not Qwen2ForCausalLM", "the reference runtime runs Qwen2 models")
-        rope = c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta") or 1e6
+        d = ModelDims.from_hf_config(c)  # one parser of HF shapes for the planner and the runtime
         return cls(
-            vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], num_layers=c["num_hidden_layers"],
-            num_heads=c["num_attention_heads"], num_kv_heads=c.get("num_key_value_heads", c["num_attention_heads"]),
-            head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
-            intermediate_size=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=float(rope),
-            max_position_embeddings=c.get("max_position_embeddings", 32768),
+            vocab_size=d.vocab_size, hidden_size=d.hidden_size, num_layers=d.num_layers, num_heads=d.num_heads,
+            num_kv_heads=d.num_kv_heads, head_dim=d.head_dim, intermediate_size=d.intermediate_size,
+            norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=rope_theta(c),
+            max_position_embeddings=d.max_position_embeddings,
             dtype=str(c.get("torch_dtype") or c.get("dtype") or "bfloat16"),
         )
 

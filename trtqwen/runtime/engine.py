@@ -43,10 +43,19 @@ class Request:
 
 
 class LLMEngine:
-    def __init__(self, model: Qwen2Model, max_slots: int = 8, max_seq_len: int | None = None, prefill_chunk: int = 512):
+    def __init__(self, model: Qwen2Model, max_slots: int = 8, max_seq_len: int | None = None, prefill_chunk: int = 512,
+                 cuda_graphs: bool | None = None):
+        """cuda_graphs: replay decode steps from CUDA graphs (default: on when the model is on a GPU)."""
         self.model = model
         self.max_seq_len = min(max_seq_len or model.max_positions, model.max_positions)
         self.cache = model.new_cache(max_slots, self.max_seq_len)
+        self.graphs = None
+        if cuda_graphs if cuda_graphs is not None else model.device.type == "cuda":
+            from trtqwen.runtime.cuda_graphs import GraphedDecode
+
+            self.graphs = GraphedDecode(model, self.cache, max_slots, self.max_seq_len)
+            if model.device.type == "cuda":
+                self.graphs.capture_all()
         self.prefill_chunk = prefill_chunk
         self.waiting: list[Request] = []
         self.running: dict[int, Request] = {}  # slot → request
@@ -176,6 +185,8 @@ class LLMEngine:
                     and not any(r is f for f, _ in first_tokens)]
         if decoding:
             B = max(r.slot for r in decoding) + 1
+            if self.graphs is not None:
+                B = self.graphs.padded(B)
             tokens = torch.zeros(B, dtype=torch.long)
             positions = torch.zeros(B, dtype=torch.long)
             for slot in range(B):  # idle or prefilling slots write where their next prefill overwrites
@@ -184,7 +195,10 @@ class LLMEngine:
             for r in decoding:
                 tokens[r.slot] = r.output[-1]
                 positions[r.slot] = r.length - 1
-            logits = self.model.decode(tokens.to(self.model.device), positions.to(self.model.device), self.cache)
+            if self.graphs is not None:
+                logits = self.graphs(tokens, positions)
+            else:
+                logits = self.model.decode(tokens.to(self.model.device), positions.to(self.model.device), self.cache)
             rows = torch.tensor([r.slot for r in decoding], device=logits.device)
             self._accept(decoding, self._sample(decoding, logits[rows]))
             done += [r for r in decoding if r.finished]

@@ -30,6 +30,7 @@ class Linear(torch.nn.Module):
         self.pre_quant_scale = pre_quant_scale
         self.act_quant = act_quant
         self.act_scale = act_scale
+        self.int4: tuple | None = None  # (q, scales, group) kept from an AWQ checkpoint for Int4Linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pre_quant_scale is not None:
@@ -65,3 +66,41 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
+
+
+class Int4Linear(torch.nn.Module):
+    """Weight-only INT4 (AWQ groups) on torch's int4 GEMM (tinygemm on CUDA): a quarter of the weight bytes.
+
+    q holds the checkpoint's signed 4-bit values [out, in]; scales [out, in/group]. Packed once at load:
+    the kernel computes (u - 8) · scale + zero with u = q + 8 unsigned and zero = 0 (AWQ is symmetric).
+    """
+
+    INNER_K_TILES = 8
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, group_size: int, bias=None, pre_quant_scale=None,
+                 dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.group_size = group_size
+        u = (q.to(torch.int32) + 8)
+        if q.is_cuda:
+            self.packed = torch._convert_weight_to_int4pack((u[:, ::2] << 4 | u[:, 1::2]).to(torch.uint8), self.INNER_K_TILES)
+        else:
+            self.packed = torch._convert_weight_to_int4pack_for_cpu(u, self.INNER_K_TILES)
+        s = scales.t().to(dtype)
+        self.scales_zeros = torch.stack([s, torch.zeros_like(s)], dim=-1).contiguous()  # [in/group, out, 2]
+        self.bias = None if bias is None else bias.to(dtype)
+        self.pre_quant_scale = None if pre_quant_scale is None else pre_quant_scale.to(dtype)
+
+    @staticmethod
+    def supported(q: torch.Tensor, group_size: int) -> bool:
+        out, inp = q.shape
+        return group_size in (32, 64, 128, 256) and inp % (Int4Linear.INNER_K_TILES * 16) == 0 and out % 8 == 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pre_quant_scale is not None:
+            x = x * self.pre_quant_scale
+        flat = x.reshape(-1, self.in_features)
+        mm = torch._weight_int4pack_mm if flat.is_cuda else torch._weight_int4pack_mm_for_cpu
+        y = mm(flat, self.packed, self.group_size, self.scales_zeros).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias

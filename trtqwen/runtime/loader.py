@@ -32,13 +32,20 @@ def checkpoint_kind(path: Path) -> str:
 
 
 def load_model(path: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-               max_positions: int | None = None) -> Qwen2Model:
-    """HF dir or TensorRT-LLM checkpoint → Qwen2Model on device (float32 on CPU, bf16 on CUDA by default)."""
+               max_positions: int | None = None, int4_kernels: bool | None = None) -> Qwen2Model:
+    """HF dir or TensorRT-LLM checkpoint → Qwen2Model on device (float32 on CPU, bf16 on CUDA by default).
+
+    int4_kernels (default: on a GPU in bf16) runs INT4-AWQ linears on packed int4 weights instead of
+    dequantized 16-bit copies: the speed and the memory a 4-bit checkpoint is for.
+    """
     path = Path(path)
-    dtype = dtype or (torch.float32 if str(device) == "cpu" else torch.bfloat16)
+    on_cpu = torch.device(device).type == "cpu"
+    dtype = dtype or (torch.float32 if on_cpu else torch.bfloat16)
+    if int4_kernels is None:
+        int4_kernels = not on_cpu and dtype == torch.bfloat16
     kind = checkpoint_kind(path)
     model = load_hf(path, max_positions) if kind == "hf" else load_trtllm(path, max_positions)
-    return model.to(device=device, dtype=dtype)
+    return model.to(device=device, dtype=dtype, int4_kernels=int4_kernels)
 
 
 def load_hf(path: Path, max_positions: int | None = None) -> Qwen2Model:
@@ -129,25 +136,37 @@ def load_trtllm(path: Path, max_positions: int | None = None) -> Qwen2Model:
     qa, g = cfg.quant_algo, cfg.group_size
     tp = len(ranks)
 
-    def column(name: str, split: list[int] | None = None) -> Linear:
-        ws = [dequantize(r, name, qa, g) for r in ranks]
-        bs = [r.get(name + ".bias") for r in ranks]
+    def merge_column(parts: list[torch.Tensor], split: list[int] | None) -> torch.Tensor:
         if split:  # fused qkv: each rank holds [q_r; k_r; v_r] → [q; k; v]
             per = [s // tp for s in split]
-            ws = [torch.cat(parts) for parts in zip(*[w.split(per) for w in ws])]
-            bs = [torch.cat(parts) for parts in zip(*[b.float().split(per) for b in bs])] if bs[0] is not None else bs
-        w = torch.cat(ws)
-        b = torch.cat([x.float() for x in bs]) if bs[0] is not None else None
-        return _linear(name, w, b, [r.get(name + ".prequant_scaling_factor") for r in ranks][0])
+            parts = [torch.cat(p) for p in zip(*[x.split(per) for x in parts])]
+        return torch.cat(parts)
+
+    def int4_parts(name: str, merge) -> tuple | None:
+        """AWQ's signed 4-bit values and group scales, merged like the weights, for the int4 GEMM."""
+        if qa != "W4A16_AWQ":
+            return None
+        return merge([unpack_int4(r[name + ".weight"], 0) for r in ranks]), \
+            merge([r[name + ".weights_scaling_factor"].float() for r in ranks]), g
+
+    def column(name: str, split: list[int] | None = None) -> Linear:
+        merge = lambda parts: merge_column(parts, split)  # noqa: E731
+        w = merge([dequantize(r, name, qa, g) for r in ranks])
+        b = merge([r[name + ".bias"].float() for r in ranks]) if name + ".bias" in ranks[0] else None
+        int4 = None if name == "lm_head" else int4_parts(name, merge)
+        return _linear(name, w, b, [r.get(name + ".prequant_scaling_factor") for r in ranks][0], int4)
 
     def row(name: str) -> Linear:
-        w = torch.cat([dequantize(r, name, qa, g) for r in ranks], dim=1)
+        merge = lambda parts: torch.cat(parts, dim=1)  # noqa: E731
+        w = merge([dequantize(r, name, qa, g) for r in ranks])
         pre = [r.get(name + ".prequant_scaling_factor") for r in ranks]
-        return _linear(name, w, None, torch.cat(pre) if pre[0] is not None else None)
+        return _linear(name, w, None, torch.cat(pre) if pre[0] is not None else None, int4_parts(name, merge))
 
-    def _linear(name, w, b, pre) -> Linear:
+    def _linear(name, w, b, pre, int4=None) -> Linear:
         kind, scale = _act(ranks[0], name, qa)
-        return Linear(w, b, None if pre is None else pre.float(), kind, scale)
+        lin = Linear(w, b, None if pre is None else pre.float(), kind, scale)
+        lin.int4 = int4
+        return lin
 
     layers = []
     for i in range(cfg.num_layers):

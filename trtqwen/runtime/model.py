@@ -1,8 +1,8 @@
 """Qwen2 forward over a slot-based KV cache: prefill (chunked, any start position) and batched decode.
 
-The cache is one tensor per K and V, [layers, slots, kv_heads, max_seq_len, head_dim]; a sequence owns a
+The cache is one K and one V tensor per layer, [slots, kv_heads, max_seq_len, head_dim]; a sequence owns a
 slot for its lifetime, so decode reads the cache in place (no copies per step) and the batch is the
-range of slots 0..n, which keeps shapes static for CUDA graphs.
+range of slots 0..n, which keeps shapes static for CUDA graphs (runtime/cuda_graphs.py).
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from trtqwen.runtime.config import ModelConfig
-from trtqwen.runtime.layers import Linear, apply_rope, fake_quant_fp8, fake_quant_int8, rms_norm, rope_tables
+from trtqwen.runtime.layers import Int4Linear, Linear, apply_rope, fake_quant_fp8, fake_quant_int8, rms_norm, rope_tables
+
+LINEARS = ("qkv", "o", "gate", "up", "down")
 
 
 @dataclass
@@ -30,9 +32,9 @@ class LayerWeights:
 
 class KVCache:
     def __init__(self, cfg: ModelConfig, num_slots: int, max_seq_len: int, device, dtype):
-        shape = (cfg.num_layers, num_slots, cfg.num_kv_heads, max_seq_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (num_slots, cfg.num_kv_heads, max_seq_len, cfg.head_dim)  # one tensor per layer: same shape
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]  # for every layer,
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]  # so one compile fits all
         self.num_slots, self.max_seq_len = num_slots, max_seq_len
 
 
@@ -47,6 +49,8 @@ class Qwen2Model(torch.nn.Module):
         self.lm_head = lm_head
         self.max_positions = max_positions or cfg.max_position_embeddings
         self.cos, self.sin = rope_tables(cfg.head_dim, self.max_positions, cfg.rope_theta, embed.device, torch.float32)
+        self.reduce = lambda t: t  # tensor parallel: the all-reduce after the row-parallel o and down projections
+        self.attn_block, self.mlp_block = self._attn_decode, self._mlp  # swapped for compiled versions by compile()
 
     @property
     def device(self):
@@ -56,7 +60,8 @@ class Qwen2Model(torch.nn.Module):
     def dtype(self):
         return self.embed.dtype
 
-    def to(self, device=None, dtype=None):
+    def to(self, device=None, dtype=None, int4_kernels: bool = False):
+        """Move (and cast) the weights; int4_kernels swaps AWQ linears for packed Int4Linear on the device."""
         def move(t):
             if t is None:
                 return None
@@ -65,10 +70,22 @@ class Qwen2Model(torch.nn.Module):
         self.embed, self.norm = move(self.embed), move(self.norm)
         for lw in self.layers:
             lw.ln1, lw.ln2, lw.kv_scale = move(lw.ln1), move(lw.ln2), move(lw.kv_scale)
-            for lin in (lw.qkv, lw.o, lw.gate, lw.up, lw.down):
-                lin.to(device=device, dtype=dtype)
+            for name in LINEARS:
+                lin = getattr(lw, name)
+                if int4_kernels and getattr(lin, "int4", None) is not None and Int4Linear.supported(lin.int4[0], lin.int4[2]):
+                    q, scales, group = lin.int4  # never moves the dequantized copy: a quarter of the memory
+                    setattr(lw, name, Int4Linear(q.to(device), scales.to(device), group, move(lin.bias),
+                                                 move(lin.pre_quant_scale), dtype or torch.bfloat16))
+                elif isinstance(lin, Linear):
+                    lin.to(device=device, dtype=dtype)
         self.lm_head.to(device=device, dtype=dtype)
         self.cos, self.sin = self.cos.to(device), self.sin.to(device)
+        return self
+
+    def compile(self) -> "Qwen2Model":
+        """torch.compile the per-layer decode blocks (one compile serves every layer and batch size)."""
+        self.attn_block = torch.compile(self._attn_decode, dynamic=True)
+        self.mlp_block = torch.compile(self._mlp, dynamic=True)
         return self
 
     def new_cache(self, num_slots: int, max_seq_len: int) -> KVCache:
@@ -95,10 +112,22 @@ class Qwen2Model(torch.nn.Module):
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def _mlp_and_out(self, lw: LayerWeights, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        x = x + lw.o(attn)
+    def _mlp(self, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         h = rms_norm(x, lw.ln2, self.cfg.norm_eps)
-        return x + lw.down(F.silu(lw.gate(h)) * lw.up(h))
+        return lw.down(F.silu(lw.gate(h)) * lw.up(h))
+
+    def _attn_decode(self, lw: LayerWeights, x: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor,
+                     mask: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """One new token per row: write its K/V at pos into the layer's cache [slots, kv_heads, S, d], attend."""
+        c = self.cfg
+        B = x.shape[0]
+        L = mask.shape[-1]
+        q, k, v = self._qkv(lw, rms_norm(x, lw.ln1, c.norm_eps), pos)
+        positions = pos.view(B)
+        k_cache[rows, :, positions] = self._kv_quant(lw, k[:, :, 0])
+        v_cache[rows, :, positions] = self._kv_quant(lw, v[:, :, 0])
+        attn = F.scaled_dot_product_attention(q, k_cache[:B, :, :L], v_cache[:B, :, :L], attn_mask=mask, enable_gqa=True)
+        return lw.o(attn.transpose(1, 2).reshape(B, 1, c.q_size))
 
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, cache: KVCache, slot: int, start: int = 0, all_logits: bool = False):
@@ -108,23 +137,27 @@ class Qwen2Model(torch.nn.Module):
         end = start + T
         positions = torch.arange(start, end, device=self.device).unsqueeze(0)
         x = self.embed[tokens].unsqueeze(0)
-        key_pos = torch.arange(end, device=self.device)
-        mask = key_pos.unsqueeze(0) <= positions.view(T, 1)  # [T, end]: causal, offset by start
+        # A first chunk is plainly causal (flash kernels); a later one sees the cached prefix through a mask.
+        mask = None if start == 0 else torch.arange(end, device=self.device).unsqueeze(0) <= positions.view(T, 1)
         for i, lw in enumerate(self.layers):
             h = rms_norm(x, lw.ln1, c.norm_eps)
             q, k, v = self._qkv(lw, h, positions)
-            cache.k[i, slot, :, start:end] = self._kv_quant(lw, k[0])
-            cache.v[i, slot, :, start:end] = self._kv_quant(lw, v[0])
-            kc, vc = cache.k[i, slot : slot + 1, :, :end], cache.v[i, slot : slot + 1, :, :end]
-            attn = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=True)
-            x = self._mlp_and_out(lw, x, attn.transpose(1, 2).reshape(1, T, c.q_size))
+            cache.k[i][slot, :, start:end] = self._kv_quant(lw, k[0])
+            cache.v[i][slot, :, start:end] = self._kv_quant(lw, v[0])
+            kc, vc = cache.k[i][slot : slot + 1, :, :end], cache.v[i][slot : slot + 1, :, :end]
+            attn = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+            x = x + self.reduce(lw.o(attn.transpose(1, 2).reshape(1, T, c.q_size)))
+            x = x + self.reduce(self._mlp(lw, x))
         x = rms_norm(x if all_logits else x[:, -1:], self.norm, c.norm_eps)
         return self.lm_head(x)[0].float()  # [T or 1, V]
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, kv_len: int | None = None):
-        """One token for each of slots 0..B-1: tokens [B], positions [B] → logits [B, V]."""
-        c = self.cfg
+        """One token for each of slots 0..B-1: tokens [B], positions [B] → logits [B, V].
+
+        Attention reads the first kv_len cache positions (default: just enough); shapes depend only on
+        (B, kv_len), so a CUDA graph captured for them replays with new tokens and positions.
+        """
         B = tokens.shape[0]
         L = kv_len or int(positions.max()) + 1
         x = self.embed[tokens].unsqueeze(1)  # [B, 1, H]
@@ -132,14 +165,9 @@ class Qwen2Model(torch.nn.Module):
         rows = torch.arange(B, device=self.device)
         mask = (torch.arange(L, device=self.device).view(1, L) <= pos).view(B, 1, 1, L)
         for i, lw in enumerate(self.layers):
-            h = rms_norm(x, lw.ln1, c.norm_eps)
-            q, k, v = self._qkv(lw, h, pos)
-            cache.k[i, rows, :, positions] = self._kv_quant(lw, k[:, :, 0])
-            cache.v[i, rows, :, positions] = self._kv_quant(lw, v[:, :, 0])
-            attn = F.scaled_dot_product_attention(q, cache.k[i, :B, :, :L], cache.v[i, :B, :, :L], attn_mask=mask,
-                                                  enable_gqa=True)
-            x = self._mlp_and_out(lw, x, attn.transpose(1, 2).reshape(B, 1, c.q_size))
-        return self.lm_head(rms_norm(x, self.norm, c.norm_eps))[:, 0].float()
+            x = x + self.reduce(self.attn_block(lw, x, pos, rows, mask, cache.k[i], cache.v[i]))
+            x = x + self.reduce(self.mlp_block(lw, x))
+        return self.lm_head(rms_norm(x, self.norm, self.cfg.norm_eps))[:, 0].float()
 
     @torch.inference_mode()
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,86 @@
+"""The runtime's fast paths: bucketed (graph-shaped) decode, compiled blocks, int4 kernels — each equal to the plain path.
+
+CUDA graph capture itself needs a GPU: the `gpu` tests run on the lent H100 (see docs/PERFORMANCE.md);
+on a CPU the same bucketing and padding run eagerly, so their logic is tested here.
+"""
+
+import pytest
+import torch
+
+from trtqwen.runtime import LLMEngine, SamplingParams, load_model
+from trtqwen.runtime.cuda_graphs import batch_buckets, kv_buckets
+from trtqwen.runtime.layers import Int4Linear
+
+GREEDY = SamplingParams(max_tokens=40, top_k=1, end_id=None)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_tp_dir):
+    return load_model(tiny_tp_dir, max_positions=1024)
+
+
+def staggered(engine: LLMEngine, prompts, lengths):
+    """Requests arriving every other step, so batches grow, shrink and leave holes in the slot range."""
+    reqs, pending, step = [], list(zip(prompts, lengths)), 0
+    while pending or engine.has_work():
+        if pending and step % 2 == 0:
+            p, n = pending.pop(0)
+            reqs.append(engine.add(p, SamplingParams(max_tokens=n, top_k=1, end_id=None)))
+        engine.step()
+        step += 1
+    return [r.output for r in reqs]
+
+
+def test_buckets_cover_every_size():
+    assert kv_buckets(2048) == [256, 512, 1024, 2048]
+    assert kv_buckets(3000) == [256, 512, 1024, 2048, 3000]
+    assert kv_buckets(100) == [100]
+    assert batch_buckets(32)[-1] == 32 and batch_buckets(5) == [1, 2, 4, 5]
+
+
+def test_bucketed_decode_equals_plain_decode(tiny_model):
+    """Padding the batch to a bucket and reading a longer KV range must not change any sequence's tokens."""
+    torch.manual_seed(3)
+    prompts = [torch.randint(0, 150000, (int(n),)).tolist() for n in torch.randint(3, 300, (9,))]
+    lengths = [5 + (11 * i) % 40 for i in range(9)]
+    plain = staggered(LLMEngine(tiny_model, max_slots=6, max_seq_len=512, prefill_chunk=128, cuda_graphs=False),
+                      prompts, lengths)
+    bucketed_engine = LLMEngine(tiny_model, max_slots=6, max_seq_len=512, prefill_chunk=128, cuda_graphs=True)
+    assert bucketed_engine.graphs is not None and bucketed_engine.graphs.batches == [1, 2, 4, 6]
+    assert staggered(bucketed_engine, prompts, lengths) == plain
+    assert [len(o) for o in plain] == lengths
+
+
+def test_compiled_blocks_equal_eager(tiny_tp_dir):
+    eager = load_model(tiny_tp_dir, max_positions=512)
+    compiled = load_model(tiny_tp_dir, max_positions=512).compile()
+    prompts = [[1, 2, 3, 4], list(range(100, 180)), [7] * 30]
+    a = LLMEngine(eager, max_slots=4, max_seq_len=256).generate(prompts, GREEDY)
+    b = LLMEngine(compiled, max_slots=4, max_seq_len=256).generate(prompts, GREEDY)
+    assert [r.output for r in a] == [r.output for r in b]
+
+
+def test_int4_kernels_match_dequantized_awq(exported):
+    """Packed int4 GEMMs compute what the dequantized weights compute (bf16 rounding apart)."""
+    ckpt = exported("int4_awq", 2)  # TP shards merged: q and group scales are concatenated like the weights
+    ref = load_model(ckpt, "cpu", torch.bfloat16, int4_kernels=False)
+    fast = load_model(ckpt, "cpu", torch.bfloat16, int4_kernels=True)
+    assert all(isinstance(getattr(fast.layers[0], n), Int4Linear) for n in ("qkv", "o", "gate", "up", "down"))
+    x = torch.arange(50, 120)
+    a, b = ref.logits(x), fast.logits(x)
+    assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.999
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9  # random weights: near-ties flip in bf16
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_greedy_equal_eager_on_gpu(tiny_tp_dir):
+    if not torch.cuda.is_available():
+        pytest.fail("the gpu tests need a CUDA device: run them on a GPU machine (-m gpu)")
+    prompts = [[1, 2, 3], list(range(100, 400)), [9] * 40, list(range(5, 25))]
+    lengths = [30, 45, 12, 60]
+    model = load_model(tiny_tp_dir, "cuda", max_positions=1024)
+    eager = staggered(LLMEngine(model, max_slots=4, max_seq_len=1024, cuda_graphs=False), prompts, lengths)
+    graphed = staggered(LLMEngine(model, max_slots=4, max_seq_len=1024, cuda_graphs=True), prompts, lengths)
+    assert graphed == eager
+    compiled = load_model(tiny_tp_dir, "cuda", max_positions=1024).compile()
+    assert staggered(LLMEngine(compiled, max_slots=4, max_seq_len=1024, cuda_graphs=True), prompts, lengths) == eager

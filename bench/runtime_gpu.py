@@ -1,7 +1,10 @@
-"""Reference runtime on one GPU, Qwen2.5-7B-shaped random bf16 weights: TTFT, batch-1 decode, 8/32 concurrent.
+"""Reference runtime on one GPU, Qwen2.5-7B-shaped random weights: every speed path, in-process.
 
-Run on a GPU machine from the repository root: `python bench/runtime_gpu.py [--json out.json]`.
-Needs only torch (the runtime's own code is imported from this checkout). Generation never stops early.
+Run on a GPU machine from the repository root: `python bench/runtime_gpu.py [--json out.json] [--quick]`.
+Needs only torch (the runtime's code is imported from this checkout). Rows: bf16 eager / CUDA graphs /
+graphs + torch.compile, and INT4-AWQ (packed int4 GEMMs) with graphs + compile. Each row: first token of a
+1,024-token prompt, batch-1 decode, 8 and 32 concurrent streams; generation never stops early (min_tokens).
+GPU memory used is set beside what `trtqwen plan`'s memory model gives for the same weights and KV slots.
 """
 
 from __future__ import annotations
@@ -15,28 +18,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from trtqwen.plan import CUDA_CONTEXT_BYTES, QWEN25_7B as DIMS, activation_bytes, kv_bytes_per_token, weight_bytes  # noqa: E402
 from trtqwen.runtime import LLMEngine, SamplingParams  # noqa: E402
-from trtqwen.runtime.config import ModelConfig  # noqa: E402
-from trtqwen.runtime.layers import Linear  # noqa: E402
-from trtqwen.runtime.model import LayerWeights, Qwen2Model  # noqa: E402
+from trtqwen.runtime.random_model import QWEN25_7B  # noqa: E402
+from trtqwen.runtime.random_model import random_model  # noqa: E402
+from trtqwen.spec import Precision  # noqa: E402
 
-QWEN25_7B = ModelConfig(vocab_size=152064, hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4, head_dim=128,
-                        intermediate_size=18944, norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=32768)
-
-
-def random_model(cfg: ModelConfig, device="cuda", dtype=torch.bfloat16, max_positions=4096) -> Qwen2Model:
-    g = torch.Generator(device=device).manual_seed(0)
-
-    def w(*shape):
-        return torch.empty(*shape, device=device, dtype=dtype).normal_(0, 0.02, generator=g)
-
-    H, I, qkv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size + 2 * cfg.kv_size
-    layers = [LayerWeights(ln1=torch.ones(H, device=device, dtype=dtype), qkv=Linear(w(qkv, H), w(qkv)),
-                           o=Linear(w(H, cfg.q_size)), ln2=torch.ones(H, device=device, dtype=dtype),
-                           gate=Linear(w(I, H)), up=Linear(w(I, H)), down=Linear(w(H, I)))
-              for _ in range(cfg.num_layers)]
-    return Qwen2Model(cfg, w(cfg.vocab_size, H), layers, torch.ones(H, device=device, dtype=dtype),
-                      Linear(w(cfg.vocab_size, H)), max_positions)
+CEILING_BYTES_PER_S = 3.0e12  # H100 SXM measured copy bandwidth (FACTS §3): the batch-1 roofline's numerator
+SLOTS, SEQ = 32, 2048
 
 
 def fixed(n: int) -> SamplingParams:
@@ -45,6 +34,7 @@ def fixed(n: int) -> SamplingParams:
 
 def timed_run(engine: LLMEngine, prompts: list[list[int]], n: int) -> dict:
     first: dict[int, float] = {}
+    torch.cuda.synchronize()
     t0 = time.perf_counter()
     reqs = [engine.add(p, fixed(n), lambda r, tok, why: first.setdefault(r.id, time.perf_counter())) for p in prompts]
     while engine.has_work():
@@ -53,33 +43,58 @@ def timed_run(engine: LLMEngine, prompts: list[list[int]], n: int) -> dict:
     total = time.perf_counter() - t0
     out = sum(len(r.output) for r in reqs)
     ttfts = sorted(first[r.id] - t0 for r in reqs)
-    return {"requests": len(reqs), "output_tokens": out, "seconds": round(total, 3),
-            "output_tok_s": round(out / total, 1), "ttft_p50_s": round(ttfts[len(ttfts) // 2], 4)}
+    return {"output_tok_s": round(out / total, 1), "ttft_p50_s": round(ttfts[len(ttfts) // 2], 4),
+            "ttft_max_s": round(ttfts[-1], 4)}
+
+
+def predicted_bytes(precision: Precision) -> float:
+    """The plan's memory model for this engine: weights + KV slots × positions + activations + CUDA context."""
+    return (weight_bytes(DIMS, precision) + kv_bytes_per_token(DIMS) * SLOTS * SEQ
+            + activation_bytes(DIMS, 1, SEQ, SLOTS) + CUDA_CONTEXT_BYTES)
+
+
+def measure(name: str, int4: bool, graphs: bool, compiled: bool, quick: bool) -> dict:
+    torch.cuda.empty_cache()
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    model = random_model(QWEN25_7B, int4=int4)
+    if compiled:
+        model.compile()
+    engine = LLMEngine(model, max_slots=SLOTS, max_seq_len=SEQ, prefill_chunk=SEQ, cuda_graphs=graphs)
+    rand = lambda n: torch.randint(0, 150000, (n,)).tolist()  # noqa: E731
+    timed_run(engine, [rand(1024)], 4)  # warm-up: prefill kernels, sampling
+    timed_run(engine, [rand(64) for _ in range(8)], 4)
+    row = {"row": name, "startup_s": round(time.perf_counter() - t0, 1)}
+    row["ttft_1024_s"] = min(timed_run(engine, [rand(1024)], 1)["ttft_p50_s"] for _ in range(3))
+    n = 64 if quick else 256
+    row["batch1_tok_s"] = timed_run(engine, [rand(128)], n)["output_tok_s"]
+    for users in (8, 32):
+        r = timed_run(engine, [rand(128) for _ in range(users)], n)
+        row[f"users{users}_tok_s"], row[f"users{users}_ttft_max_s"] = r["output_tok_s"], r["ttft_max_s"]
+    free, total = torch.cuda.mem_get_info()
+    row["gpu_used_gb"] = round((total - free) / 1e9, 2)
+    row["plan_gb"] = round(predicted_bytes(Precision.INT4_AWQ if int4 else Precision.BF16) / 1e9, 2)
+    read = weight_bytes(DIMS, Precision.INT4_AWQ if int4 else Precision.BF16) - DIMS.embedding_params * 2
+    row["ceiling_tok_s"] = round(CEILING_BYTES_PER_S / read, 1)
+    row["batch1_of_ceiling"] = round(row["batch1_tok_s"] / row["ceiling_tok_s"], 3)
+    print(json.dumps(row), flush=True)
+    del engine, model
+    return row
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--quick", action="store_true", help="64 instead of 256 tokens per stream")
+    ap.add_argument("--rows", default="eager,graphs,compiled,int4", help="which of eager,graphs,compiled,int4")
     args = ap.parse_args()
-    torch.manual_seed(0)
-    model = random_model(QWEN25_7B)
-    weight_bytes = sum(t.numel() * t.element_size() for t in [model.embed, model.lm_head.weight] +
-                       [p for lw in model.layers for lin in (lw.qkv, lw.o, lw.gate, lw.up, lw.down) for p in lin.parameters()])
-    engine = LLMEngine(model, max_slots=32, max_seq_len=2048, prefill_chunk=2048)
-    rand = lambda n: torch.randint(0, 150000, (n,)).tolist()  # noqa: E731
-    timed_run(engine, [rand(64)], 16)  # warm-up
-    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "weight_gb": round(weight_bytes / 1e9, 2)}
-    # TTFT for a 1,024-token prompt: one prefill plus the first sampled token
-    t = timed_run(engine, [rand(1024)], 1)
-    results["ttft_1024_s"] = t["ttft_p50_s"]
-    b1 = timed_run(engine, [rand(128)], 256)
-    results["batch1_decode_tok_s"] = b1["output_tok_s"]
-    for n in (8, 32):
-        results[f"concurrent_{n}"] = timed_run(engine, [rand(128) for _ in range(n)], 256)
-    results["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
-    print(json.dumps(results, indent=2))
+    print(f"{torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
+    configs = {"eager": ("bf16 eager", False, False, False), "graphs": ("bf16 CUDA graphs", False, True, False),
+               "compiled": ("bf16 graphs + compile", False, True, True), "int4": ("int4-awq graphs + compile", True, True, True)}
+    rows = [measure(*configs[r], args.quick) for r in args.rows.split(",")]
+    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        args.json.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import torch
 from trtqwen.runtime import LLMEngine, SamplingParams, load_model
 from trtqwen.runtime.cuda_graphs import batch_buckets, kv_buckets
 from trtqwen.runtime.layers import Int4Linear
+from trtqwen.runtime.random_model import SMALL, random_model
 
 GREEDY = SamplingParams(max_tokens=40, top_k=1, end_id=None)
 
@@ -73,14 +74,16 @@ def test_int4_kernels_match_dequantized_awq(exported):
 
 
 @pytest.mark.gpu
-def test_cuda_graphs_greedy_equal_eager_on_gpu(tiny_tp_dir):
+@pytest.mark.parametrize("int4", [False, True], ids=["bf16", "int4"])
+def test_cuda_graphs_and_compile_greedy_equal_eager_on_gpu(int4):
     if not torch.cuda.is_available():
         pytest.fail("the gpu tests need a CUDA device: run them on a GPU machine (-m gpu)")
-    prompts = [[1, 2, 3], list(range(100, 400)), [9] * 40, list(range(5, 25))]
-    lengths = [30, 45, 12, 60]
-    model = load_model(tiny_tp_dir, "cuda", max_positions=1024)
-    eager = staggered(LLMEngine(model, max_slots=4, max_seq_len=1024, cuda_graphs=False), prompts, lengths)
-    graphed = staggered(LLMEngine(model, max_slots=4, max_seq_len=1024, cuda_graphs=True), prompts, lengths)
-    assert graphed == eager
-    compiled = load_model(tiny_tp_dir, "cuda", max_positions=1024).compile()
-    assert staggered(LLMEngine(compiled, max_slots=4, max_seq_len=1024, cuda_graphs=True), prompts, lengths) == eager
+    prompts = [[1, 2, 3], list(range(100, 400)), [9] * 40, list(range(5, 25)), list(range(700, 1300))]
+    lengths = [30, 45, 12, 60, 300]  # the last crosses KV buckets 1024 → 2048 mid-stream
+    model = random_model(SMALL, int4=int4, std=0.2)
+    eager = staggered(LLMEngine(model, max_slots=5, max_seq_len=2048, cuda_graphs=False), prompts, lengths)
+    graphed = LLMEngine(model, max_slots=5, max_seq_len=2048, cuda_graphs=True)
+    assert len(graphed.graphs.graphs) == len(graphed.graphs.batches) * len(graphed.graphs.kv_lens)
+    assert staggered(graphed, prompts, lengths) == eager
+    compiled = random_model(SMALL, int4=int4, std=0.2).compile()
+    assert staggered(LLMEngine(compiled, max_slots=5, max_seq_len=2048, cuda_graphs=True), prompts, lengths) == eager

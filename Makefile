@@ -9,14 +9,22 @@ TINY := engines/tiny-qwen2
 export HF_HUB_DISABLE_TELEMETRY := 1
 export GRADIO_ANALYTICS_ENABLED := False
 
-.PHONY: install demo test lint clean help
+.PHONY: install chromium demo ui test lint clean help
 
 help:
 	@echo "make install  - .venv with everything trtqwen needs (CPU machine; see README for a 4090D box)"
 	@echo "make demo     - tiny Qwen2 → plan → build (INT4-AWQ checkpoint + build.sh) → verify → package → serve → smoke"
 	@echo "make test     - the whole test suite"
+	@echo "make ui       - the web demo on http://127.0.0.1:7860, streaming from the server at 127.0.0.1:8001"
 
-install: $(STAMP)
+install: $(STAMP) chromium
+
+# Debian's chromium, for the browser tests of the web demo (never `playwright install`: no downloads from there).
+chromium:
+	@test -x /usr/bin/chromium || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO="sudo -n"; \
+	  else echo "need root (or sudo) to apt-get install chromium"; exit 1; fi; \
+	  $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
 
 # Re-run only when the dependency lists change: quick and idempotent otherwise.
 $(STAMP): pyproject.toml constraints.txt
@@ -44,8 +52,11 @@ demo: install
 	@echo
 	@echo "The tiny model is served at 127.0.0.1:8000 (HTTP) / 127.0.0.1:8001 (gRPC)."
 	@echo "  chat in the terminal:  $(TRTQWEN) chat --url 127.0.0.1:8001"
-	@echo "  web demo:              $(TRTQWEN) ui --url 127.0.0.1:8001   (then open http://127.0.0.1:7860; arrives with issue 7)"
 	@echo "  stop the server:       $(TRTQWEN) serve $(REPO) --stop"
+	@echo "  web demo:              make ui   (then open http://127.0.0.1:7860)"
+
+ui: install
+	$(TRTQWEN) ui --url 127.0.0.1:8001 --repo $(REPO)
 
 test: install
 	$(PY) -m pytest -m "not perf and not gpu" $(PYTEST_ARGS)

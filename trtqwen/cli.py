@@ -243,9 +243,25 @@ def chat(
 
 
 @app.command()
-def ui(url: str = typer.Option("127.0.0.1:8001", help="Triton gRPC address")):
+def ui(
+    url: str = typer.Option("127.0.0.1:8001", help="Triton gRPC address"),
+    model: Optional[str] = typer.Option(None, help="Triton model; default: tensorrt_llm_bls when served (stop cancels "
+                                                   "on the server there), else ensemble"),
+    repo: Optional[Path] = typer.Option(None, help="the served model repository, for the model panel (trtqwen_repo.json)"),
+    host: str = typer.Option("127.0.0.1", help="address to bind"),
+    port: int = typer.Option(7860, help="port of the web page"),
+    share: bool = typer.Option(False, "--share", help="also open a public gradio.live link (off unless given)"),
+    concurrency: int = typer.Option(16, help="users streaming at once (each gets its own stream)"),
+):
     """Gradio web demo that streams answers (binds 127.0.0.1, never shared publicly by default)."""
-    not_yet("`ui` (Gradio web demo)", 7)
+    from ui.app import launch
+
+    console.print(f"web demo on http://{host}:{port} → Triton {url}" + (" (public share link requested)" if share else ""))
+    try:
+        launch(url=url, model=model, repo=str(repo) if repo else None, host=host, port=port, share=share,
+               concurrency=concurrency)
+    except UserError as e:
+        fail(e)
 
 
 @app.command()

@@ -162,7 +162,7 @@ def cancelled_on_server(repo: Path) -> int:
 
 def test_browser_streams_stops_and_speaks_chinese(live_ui, browser, served_tiny):
     page = open_page(browser, live_ui)
-    page.wait_for_function("document.querySelector('#info').innerText.includes('online')", timeout=20_000)
+    page.wait_for_function("document.querySelector('#info')?.innerText?.includes('online')", timeout=20_000)
     info = page.locator("#info").inner_text()
     assert "tensorrt_llm_bls" in info and "bf16" in info and "torch" in info, info
 
@@ -242,7 +242,7 @@ def test_server_down_shows_error_then_recovers(served_tiny, browser):
     demo, url = start_ui(proxy.url)
     try:
         page = open_page(browser, url)
-        page.wait_for_function("document.querySelector('#info').innerText.includes('offline')", timeout=20_000)
+        page.wait_for_function("document.querySelector('#info')?.innerText?.includes('offline')", timeout=20_000)
         for attempt in (1, 2):
             send(page, "Is anyone there?", max_tokens=20)
             page.wait_for_function(f"document.querySelectorAll('#chat [data-testid=bot]').length == {attempt}")
@@ -250,11 +250,13 @@ def test_server_down_shows_error_then_recovers(served_tiny, browser):
             assert "cannot reach" in stats, stats
             assert bots(page).count() == attempt and "unavailable" in bots(page).last.inner_text()
             assert page.locator("#msg textarea").input_value() == "Is anyone there?"  # kept, to send again
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "ui-server-down.png"), full_page=True)
         proxy.start()  # the server is back
         page.locator("#msg textarea").press("Enter")
         stats = wait_stats(page, r"\bdone\b")
         assert tokens(stats) > 0 and bots(page).count() == 3 and ERROR_MARK not in bots(page).last.inner_text()
-        page.wait_for_function("document.querySelector('#info').innerText.includes('online')", timeout=20_000)
+        page.wait_for_function("document.querySelector('#info')?.innerText?.includes('online')", timeout=20_000)
         proxy.stop()  # and gone again, mid-session
         send(page, "Still there?", max_tokens=20)
         page.wait_for_function("document.querySelectorAll('#chat [data-testid=bot]').length == 4")

@@ -24,6 +24,8 @@ EXAMPLES = [
     'Reply with JSON only: {"name": …, "city": …, "languages": […]} for a fictional developer.',
     "Write a Python function that checks whether a string is a palindrome.",
 ]
+RUNTIMES = {"torch": "torch (reference runtime)", "trtllm": "TensorRT-LLM engine (C++ backend)",
+            "llmapi": "TensorRT-LLM LLM API (PyTorch backend)"}
 # System fonts only: the stock themes fetch Google Fonts, and this page makes no outside requests.
 THEME = gr.themes.Soft(primary_hue="indigo", neutral_hue="slate",
                        font=["ui-sans-serif", "system-ui", "Segoe UI", "Noto Sans", "sans-serif"],
@@ -38,6 +40,7 @@ CSS = """
 #info h3 {margin-top: 0;}
 #info table {width: 100%; font-size: .88rem; border-collapse: collapse; border: none !important;}
 #info td {padding: 3px 6px; border: none !important; border-bottom: 1px solid var(--border-color-primary) !important;}
+#info tr, #info tbody {border: none !important; background: none !important;}
 #info tr:last-child td {border-bottom: none !important;}
 #info td:first-child {opacity: .65; white-space: nowrap; width: 40%;}
 #stop {color: #b91c1c;}
@@ -54,6 +57,7 @@ def info_markdown(info: dict) -> str:
                        ("tensorrt_llm", "TensorRT-LLM")):
         if info.get(key) not in (None, ""):
             rows.append((label, str(info[key])))
+    rows = [(a, RUNTIMES.get(b, b) if a == "Runtime" else b) for a, b in rows]
     table = "<table>" + "".join(f"<tr><td>{a}</td><td>{b}</td></tr>" for a, b in rows) + "</table>"
     notes = []
     if not online:

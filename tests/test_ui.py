@@ -121,8 +121,10 @@ def browser():
         b.close()
 
 
-def open_page(browser, url):
+def open_page(browser, url, requested: list | None = None):
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    if requested is not None:
+        page.on("request", lambda r: requested.append(r.url))
     page.goto(url, wait_until="domcontentloaded")
     page.wait_for_selector("#msg textarea", timeout=30_000)
     return page
@@ -161,7 +163,8 @@ def cancelled_on_server(repo: Path) -> int:
 
 
 def test_browser_streams_stops_and_speaks_chinese(live_ui, browser, served_tiny):
-    page = open_page(browser, live_ui)
+    requested: list[str] = []
+    page = open_page(browser, live_ui, requested)
     page.wait_for_function("document.querySelector('#info')?.innerText?.includes('online')", timeout=20_000)
     info = page.locator("#info").inner_text()
     assert "tensorrt_llm_bls" in info and "bf16" in info and "torch" in info, info
@@ -204,6 +207,9 @@ def test_browser_streams_stops_and_speaks_chinese(live_ui, browser, served_tiny)
     assert tokens(stats) > 0
     assert "长城" in page.locator("#chat [data-testid=user]").last.inner_text()
     assert bots(page).count() == 3 and bots(page).last.inner_text().strip()
+
+    outside = [u for u in requested if not u.startswith((live_ui, "data:", "blob:"))]
+    assert len(requested) > 5 and not outside, f"the page fetched from outside: {outside[:5]}"  # no fonts, CDNs
 
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "ui.png"

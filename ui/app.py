@@ -26,7 +26,7 @@ EXAMPLES = [
 ]
 RUNTIMES = {"torch": "torch (reference runtime)", "trtllm": "TensorRT-LLM engine (C++ backend)",
             "llmapi": "TensorRT-LLM LLM API (PyTorch backend)"}
-# System fonts only: the stock themes fetch Google Fonts, and this page makes no outside requests.
+# The OS's own fonts (they cover Chinese where the bundled Latin-only font does not); nothing is fetched from outside.
 THEME = gr.themes.Soft(primary_hue="indigo", neutral_hue="slate",
                        font=["ui-sans-serif", "system-ui", "Segoe UI", "Noto Sans", "sans-serif"],
                        font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "monospace"])
@@ -87,11 +87,13 @@ def build_app(backend: Backend, concurrency: int = 16) -> gr.Blocks:
                 history[-1] = {"role": "assistant", "content": answer}
                 yield "", history, stats_line(timing, "streaming", backend.model)
         except UserError as e:
+            backend.done(session, cancel)
             history[-1] = {"role": "assistant", "content": f"{ERROR_MARK} **The model server is unavailable or the "
                            f"request failed.**\n\n{e.message}\n\nYour message was not answered; send it again once "
                            f"the server is back."}
             yield message, history, f"{ERROR_MARK} **error** · {e.message}"
             return
+        backend.done(session, cancel)
         stopped = cancel.is_set()
         if stopped:
             history[-1] = {"role": "assistant", "content": (answer + "\n\n" if answer else "") + STOPPED_MARK}
@@ -116,7 +118,7 @@ def build_app(backend: Backend, concurrency: int = 16) -> gr.Blocks:
                 with gr.Row():
                     stop_btn = gr.Button("■ Stop", elem_id="stop", variant="stop", size="sm")
                     clear_btn = gr.Button("New chat", elem_id="clear", size="sm")
-                gr.Examples(EXAMPLES, inputs=msg, label="Examples")
+                gr.Examples(EXAMPLES, inputs=msg, label="Examples", api_visibility="private")
             with gr.Column(scale=2, min_width=300):
                 info = gr.Markdown("### Served model\nchecking…", elem_id="info")
                 refresh = gr.Button("↻ Check server", size="sm")
@@ -132,12 +134,12 @@ def build_app(backend: Backend, concurrency: int = 16) -> gr.Blocks:
         show_info = dict(fn=lambda: info_markdown(backend.info()), outputs=info, queue=False, show_progress="hidden")
         go = msg.submit(respond, inputs, [msg, chatbot, stats], api_name="chat", concurrency_limit=concurrency,
                         show_progress="minimal")
-        go.then(**show_info)
+        go.then(**show_info, api_visibility="private")
         for trigger in (msg.stop, stop_btn.click):
-            trigger(stop, None, None, queue=False, api_name=False)
-        clear_btn.click(lambda: ([], "", ""), None, [chatbot, msg, stats], queue=False, api_name=False)
-        refresh.click(**show_info, api_name=False)
-        demo.load(**show_info, api_name=False)
+            trigger(stop, None, None, queue=False, api_visibility="private")
+        clear_btn.click(lambda: ([], "", ""), None, [chatbot, msg, stats], queue=False, api_visibility="private")
+        refresh.click(**show_info, api_visibility="private")
+        demo.load(**show_info, api_visibility="private")
     return demo
 
 

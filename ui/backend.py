@@ -101,6 +101,10 @@ class Backend:
         self._cancels[session] = ev
         return ev
 
+    def done(self, session: str, ev: threading.Event) -> None:
+        if self._cancels.get(session) is ev:
+            del self._cancels[session]
+
     def stop(self, session: str) -> bool:
         ev = self._cancels.get(session)
         if ev is None:

@@ -73,12 +73,6 @@ def test_plan_that_does_not_fit_exits_1(tmp_path):
     assert r.exit_code == 1 and "does not fit" in r.output
 
 
-@pytest.mark.parametrize("command", ["ui"])
-def test_later_commands_say_so_and_fail(command):
-    r = runner.invoke(app, [command])
-    assert r.exit_code != 0 and "arrives with issue" in r.output
-
-
 def test_doctor_reports_this_machine():
     r = runner.invoke(app, ["doctor", "--json"])
     assert r.exit_code == 0

@@ -179,8 +179,9 @@ def test_browser_streams_stops_and_speaks_chinese(live_ui, browser, served_tiny)
         if re.search(r"\bdone\b", page.locator("#stats").inner_text()):
             break
         time.sleep(0.03)
-    growth = sorted(set(lengths))
-    assert len(growth) >= 3 and lengths == sorted(lengths), f"answer did not grow step by step: {lengths}"
+    # (rendered markdown may shrink for a moment, e.g. when a "**" pair closes: count the steps up)
+    steps_up = sum(b > a for a, b in zip(lengths, lengths[1:]))
+    assert steps_up >= 3 and lengths[-1] > lengths[0], f"answer did not grow step by step: {lengths}"
     stats = wait_stats(page, r"\bdone\b")
     assert "first token" in stats and "tok/s" in stats and 0 < tokens(stats) <= 60, stats
 
@@ -226,11 +227,10 @@ def test_gradio_client_streams_and_users_get_their_own_stream(live_ui):
     job = client.submit(*args("Say hello.", 40), api_name="/chat")
     answers = [message_text(out[1][-1]["content"]) for out in job if out[1]]
     assert len(answers) >= 3, answers
-    assert all(len(a) <= len(b) for a, b in zip(answers, answers[1:])) and len(set(answers)) >= 3
+    assert all(b.startswith(a) for a, b in zip(answers, answers[1:])) and len(set(answers)) >= 3
     final = job.outputs()[-1]
     assert message_text(final[1][-1]["content"]).strip() and "done" in final[2]
-    assert final[1][0] == {"role": "user", "content": "Say hello.", "metadata": None, "options": None} or \
-        message_text(final[1][0]["content"]) == "Say hello."
+    assert final[1][0]["role"] == "user" and message_text(final[1][0]["content"]) == "Say hello."
 
     # two users at once: the second streams while the first is still streaming (no queueing behind it)
     a, b = (client.submit(*args(f"user {i}", 120), api_name="/chat") for i in (1, 2))

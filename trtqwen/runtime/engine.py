@@ -42,6 +42,17 @@ class Request:
         return self.finish_reason is not None
 
 
+def length_groups(reqs: list[Request], waste: float = 2.0) -> list[list[Request]]:
+    """Prompts of similar length together, so padding to a group's longest at most doubles its work."""
+    groups: list[list[Request]] = []
+    for r in sorted(reqs, key=lambda r: len(r.prompt)):
+        if groups and len(r.prompt) * len(groups[-1]) + len(r.prompt) <= waste * (sum(len(x.prompt) for x in groups[-1]) + len(r.prompt)):
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    return groups
+
+
 class LLMEngine:
     def __init__(self, model: Qwen2Model, max_slots: int = 8, max_seq_len: int | None = None, prefill_chunk: int = 512,
                  cuda_graphs: bool | None = None):
@@ -166,16 +177,26 @@ class LLMEngine:
 
         budget = self.prefill_chunk
         first_tokens: list[tuple[Request, torch.Tensor]] = []
+        fresh: list[Request] = []  # whole prompts of new sequences: batched into padded forwards
         for req in sorted(self.running.values(), key=lambda r: r.id):
             if req.computed >= len(req.prompt) or budget <= 0:
                 continue
             n = min(budget, len(req.prompt) - req.computed)
+            budget -= n
+            if req.computed == 0 and n == len(req.prompt):
+                fresh.append(req)
+                continue
             chunk = torch.tensor(req.prompt[req.computed : req.computed + n], device=self.model.device)
             logits = self.model.prefill(chunk, self.cache, req.slot, req.computed)
             req.computed += n
-            budget -= n
             if req.computed == len(req.prompt):
                 first_tokens.append((req, logits[-1:]))
+        for group in length_groups(fresh):
+            prompts = [torch.tensor(r.prompt, device=self.model.device) for r in group]
+            logits = self.model.prefill_fresh(prompts, self.cache, [r.slot for r in group])
+            for r, row in zip(group, logits):
+                r.computed = len(r.prompt)
+                first_tokens.append((r, row[None]))
         if first_tokens:
             reqs = [r for r, _ in first_tokens]
             self._accept(reqs, self._sample(reqs, torch.cat([l for _, l in first_tokens])))

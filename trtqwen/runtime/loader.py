@@ -91,7 +91,7 @@ def dequantize(t: dict[str, torch.Tensor], name: str, quant_algo: str | None, gr
     if quant_algo in ("W8A16", "W4A16") and w.is_floating_point() and not name.startswith("lm_head"):
         return weight_only_roundtrip(w.float(), 8 if quant_algo == "W8A16" else 4)
     if not quant_algo or (w.is_floating_point() and w.dtype != torch.float8_e4m3fn):
-        return w.float()
+        return w  # 16-bit stays 16-bit until the model is cast: a 7B checkpoint never doubles in host memory
     scale = t.get(name + ".weights_scaling_factor")
     if w.dtype == torch.float8_e4m3fn:  # FP8: per-tensor scale
         return w.float() * scale.float()

@@ -50,7 +50,9 @@ class Qwen2Model(torch.nn.Module):
         self.max_positions = max_positions or cfg.max_position_embeddings
         self.cos, self.sin = rope_tables(cfg.head_dim, self.max_positions, cfg.rope_theta, embed.device, torch.float32)
         self.reduce = lambda t: t  # tensor parallel: the all-reduce after the row-parallel o and down projections
+        self.tp_size = 1  # set by the tensor-parallel runner, with reduce
         self.attn_block, self.mlp_block = self._attn_decode, self._mlp  # swapped for compiled versions by compile()
+        self.layer_block = None
 
     @property
     def device(self):
@@ -83,10 +85,23 @@ class Qwen2Model(torch.nn.Module):
         return self
 
     def compile(self) -> "Qwen2Model":
-        """torch.compile the per-layer decode blocks (one compile serves every layer and batch size)."""
-        self.attn_block = torch.compile(self._attn_decode, dynamic=True)
-        self.mlp_block = torch.compile(self._mlp, dynamic=True)
+        """torch.compile the per-layer decode blocks (one compile serves every layer and batch size).
+
+        Without tensor parallelism a whole layer is one block (residual adds fuse with the norms); with it,
+        attention and MLP are blocks of their own with the all-reduce between them left to NCCL.
+        """
+        limit = 64  # a specialization per (batch 1 or more) × (KV bucket = cache length or shorter) × int4 shapes
+        torch._dynamo.config.recompile_limit = max(limit, getattr(torch._dynamo.config, "recompile_limit", 0))
+        if self.tp_size == 1:
+            self.layer_block = torch.compile(self._layer_decode, dynamic=True)
+        else:
+            self.attn_block = torch.compile(self._attn_decode, dynamic=True)
+            self.mlp_block = torch.compile(self._mlp, dynamic=True)
         return self
+
+    def _layer_decode(self, lw: LayerWeights, x, pos, rows, mask, k_cache, v_cache) -> torch.Tensor:
+        x = x + self._attn_decode(lw, x, pos, rows, mask, k_cache, v_cache)
+        return x + self._mlp(lw, x)
 
     def new_cache(self, num_slots: int, max_seq_len: int) -> KVCache:
         return KVCache(self.cfg, num_slots, max_seq_len, self.device, self.dtype)
@@ -152,6 +167,33 @@ class Qwen2Model(torch.nn.Module):
         return self.lm_head(x)[0].float()  # [T or 1, V]
 
     @torch.inference_mode()
+    def prefill_fresh(self, prompts: list[torch.Tensor], cache: KVCache, slots: list[int]) -> torch.Tensor:
+        """Whole prompts of new sequences in one padded, causal forward → last-token logits [n, V].
+
+        Padding sits after each prompt, so causal attention never lets a real token see it; the K/V it
+        writes past a prompt's end are overwritten by that sequence's decode steps before they are read.
+        """
+        c = self.cfg
+        n, T = len(prompts), max(p.shape[0] for p in prompts)
+        tokens = torch.zeros(n, T, dtype=torch.long, device=self.device)
+        for row, p in enumerate(prompts):
+            tokens[row, : p.shape[0]] = p
+        positions = torch.arange(T, device=self.device).unsqueeze(0).expand(n, T)
+        idx = torch.tensor(slots, device=self.device)
+        x = self.embed[tokens]
+        for i, lw in enumerate(self.layers):
+            q, k, v = self._qkv(lw, rms_norm(x, lw.ln1, c.norm_eps), positions)
+            k, v = self._kv_quant(lw, k), self._kv_quant(lw, v)  # attend to what the cache holds
+            cache.k[i][idx, :, :T] = k
+            cache.v[i][idx, :, :T] = v
+            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            x = x + self.reduce(lw.o(attn.transpose(1, 2).reshape(n, T, c.q_size)))
+            x = x + self.reduce(self._mlp(lw, x))
+        last = torch.tensor([p.shape[0] - 1 for p in prompts], device=self.device)
+        x = rms_norm(x[torch.arange(n, device=self.device), last].unsqueeze(1), self.norm, c.norm_eps)
+        return self.lm_head(x)[:, 0].float()
+
+    @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, kv_len: int | None = None):
         """One token for each of slots 0..B-1: tokens [B], positions [B] → logits [B, V].
 
@@ -165,6 +207,9 @@ class Qwen2Model(torch.nn.Module):
         rows = torch.arange(B, device=self.device)
         mask = (torch.arange(L, device=self.device).view(1, L) <= pos).view(B, 1, 1, L)
         for i, lw in enumerate(self.layers):
+            if self.layer_block is not None:
+                x = self.layer_block(lw, x, pos, rows, mask, cache.k[i], cache.v[i])
+                continue
             x = x + self.reduce(self.attn_block(lw, x, pos, rows, mask, cache.k[i], cache.v[i]))
             x = x + self.reduce(self.mlp_block(lw, x))
         return self.lm_head(rms_norm(x, self.norm, self.cfg.norm_eps))[:, 0].float()

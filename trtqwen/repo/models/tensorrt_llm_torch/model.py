@@ -75,6 +75,8 @@ class TritonPythonModel:
         self.max_batch_size = max(1, int(cfg.get("max_batch_size") or 1))
         self.device = self._device(args, param("gpu_device_ids", "0"))
         self.model = load_model(param("gpt_model_path"), self.device, max_positions=self.max_seq_len)
+        if self.device.startswith("cuda") and as_bool(param("torch_compile"), True):
+            self.model.compile()  # fused decode blocks; the engine then captures CUDA graphs of them
         self.slots = self._slots(float(param("kv_cache_free_gpu_mem_fraction", "0.9")))
         self.engine = self._new_engine()
         self.tokenizer = None

@@ -65,18 +65,26 @@ def prepare_pytriton_server(src: Path, dest_root: Path = CACHE) -> TritonInstall
         shutil.rmtree(dest, ignore_errors=True)
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, dest)
-    libs = src.parent.parent / "nvidia_pytriton.libs"
-    # The venv's libpython first (else the stub loads the system one under our stdlib), then the wheel's
-    # libraries (copied binaries lose their $ORIGIN rpath); the venv's bin first on PATH for the stub's sys.prefix.
-    env = {
+    return TritonInstall("pytriton", dest, _stub_env(src.parent.parent / "nvidia_pytriton.libs"))
+
+
+def _stub_env(libs: Path) -> dict:
+    """The venv's libpython first (else the stub loads the system one under our stdlib), then the wheel's
+    libraries (copied binaries lose their $ORIGIN rpath); the venv's bin first on PATH for the stub's sys.prefix."""
+    return {
         "LD_LIBRARY_PATH": os.pathsep.join(p for p in [sysconfig.get_config_var("LIBDIR"), str(libs),
                                                         os.environ.get("LD_LIBRARY_PATH", "")] if p),
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
     }
-    return TritonInstall("pytriton", dest, env)
 
 
 def find_tritonserver() -> TritonInstall:
+    custom = os.environ.get("TRTQWEN_TRITONSERVER")  # a prepared copy: bin/, backends/ (with the stub), caches/, libs/
+    if custom:
+        root = Path(custom)
+        if not (root / "bin" / "tritonserver").is_file():
+            raise UserError(f"TRTQWEN_TRITONSERVER={custom} has no bin/tritonserver", "unset it or point it at a server")
+        return TritonInstall("pytriton", root, _stub_env(root / "libs"))
     if (SYSTEM_SERVER / "bin" / "tritonserver").is_file():
         return TritonInstall("system", SYSTEM_SERVER)
     src = _pytriton_dir()

@@ -10,6 +10,7 @@ GPU memory used is set beside what `trtqwen plan`'s memory model gives for the s
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -19,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trtqwen.plan import CUDA_CONTEXT_BYTES, QWEN25_7B as DIMS, activation_bytes, kv_bytes_per_token, weight_bytes  # noqa: E402
-from trtqwen.runtime import LLMEngine, SamplingParams  # noqa: E402
+from trtqwen.runtime import LLMEngine, SamplingParams, load_model  # noqa: E402
 from trtqwen.runtime.random_model import QWEN25_7B  # noqa: E402
 from trtqwen.runtime.random_model import random_model  # noqa: E402
 from trtqwen.spec import Precision  # noqa: E402
@@ -40,11 +41,12 @@ def timed_run(engine: LLMEngine, prompts: list[list[int]], n: int) -> dict:
     while engine.has_work():
         engine.step()
     torch.cuda.synchronize()
-    total = time.perf_counter() - t0
+    end = time.perf_counter()
     out = sum(len(r.output) for r in reqs)
     ttfts = sorted(first[r.id] - t0 for r in reqs)
-    return {"output_tok_s": round(out / total, 1), "ttft_p50_s": round(ttfts[len(ttfts) // 2], 4),
-            "ttft_max_s": round(ttfts[-1], 4)}
+    steady = (out - len(reqs)) / max(end - t0 - ttfts[-1], 1e-9)  # once every stream has its first token
+    return {"output_tok_s": round(out / (end - t0), 1), "decode_tok_s": round(steady, 1),
+            "ttft_p50_s": round(ttfts[len(ttfts) // 2], 4), "ttft_max_s": round(ttfts[-1], 4)}
 
 
 def predicted_bytes(precision: Precision) -> float:
@@ -53,11 +55,12 @@ def predicted_bytes(precision: Precision) -> float:
             + activation_bytes(DIMS, 1, SEQ, SLOTS) + CUDA_CONTEXT_BYTES)
 
 
-def measure(name: str, int4: bool, graphs: bool, compiled: bool, quick: bool) -> dict:
+def measure(name: str, int4: bool, graphs: bool, compiled: bool, quick: bool, checkpoint: str | None = None) -> dict:
+    gc.collect()
     torch.cuda.empty_cache()
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    model = random_model(QWEN25_7B, int4=int4)
+    model = load_model(checkpoint, "cuda", max_positions=4096) if checkpoint else random_model(QWEN25_7B, int4=int4)
     if compiled:
         model.compile()
     engine = LLMEngine(model, max_slots=SLOTS, max_seq_len=SEQ, prefill_chunk=SEQ, cuda_graphs=graphs)
@@ -71,6 +74,7 @@ def measure(name: str, int4: bool, graphs: bool, compiled: bool, quick: bool) ->
     for users in (8, 32):
         r = timed_run(engine, [rand(128) for _ in range(users)], n)
         row[f"users{users}_tok_s"], row[f"users{users}_ttft_max_s"] = r["output_tok_s"], r["ttft_max_s"]
+        row[f"users{users}_decode_tok_s"] = r["decode_tok_s"]
     free, total = torch.cuda.mem_get_info()
     row["gpu_used_gb"] = round((total - free) / 1e9, 2)
     row["plan_gb"] = round(predicted_bytes(Precision.INT4_AWQ if int4 else Precision.BF16) / 1e9, 2)
@@ -87,11 +91,17 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--quick", action="store_true", help="64 instead of 256 tokens per stream")
     ap.add_argument("--rows", default="eager,graphs,compiled,int4", help="which of eager,graphs,compiled,int4")
+    ap.add_argument("--checkpoints", default="", help="bf16,int4 checkpoints from `trtqwen build` for the compiled rows "
+                    "(default: random weights in memory)")
     args = ap.parse_args()
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
-    configs = {"eager": ("bf16 eager", False, False, False), "graphs": ("bf16 CUDA graphs", False, True, False),
-               "compiled": ("bf16 graphs + compile", False, True, True), "int4": ("int4-awq graphs + compile", True, True, True)}
-    rows = [measure(*configs[r], args.quick) for r in args.rows.split(",")]
+    bf16_ckpt, int4_ckpt = (args.checkpoints.split(",") + [None, None])[:2] if args.checkpoints else (None, None)
+    src = lambda ckpt: " (trtqwen build)" if ckpt else " (random)"  # noqa: E731
+    configs = {"eager": ("bf16 eager (random)", False, False, False, True),
+               "graphs": ("bf16 CUDA graphs (random)", False, True, False, False),
+               "compiled": ("bf16 graphs + compile" + src(bf16_ckpt), False, True, True, False, bf16_ckpt),
+               "int4": ("int4-awq graphs + compile" + src(int4_ckpt), True, True, True, False, int4_ckpt)}
+    rows = [measure(*configs[r][:4], args.quick or configs[r][4], *configs[r][5:]) for r in args.rows.split(",")]
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from trtqwen.errors import UserError
 
-STATS = ("p50", "p90", "p99", "mean")
+STATS = ("p50", "p90", "p95", "p99", "mean", "min")
 MEMORY_METRICS = ("nv_gpu_memory_used_bytes", "nv_cpu_memory_used_bytes")
 FALLBACK_WORD = " hello"  # one Qwen token; repeated without a tokenizer (input length then approximate)
 
@@ -113,8 +113,8 @@ def summarize(values: list[float]) -> dict:
     if not values:
         return {k: None for k in STATS}
     a = np.asarray(values, dtype=float)
-    return {"p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
-            "p99": float(np.percentile(a, 99)), "mean": float(a.mean())}
+    stats = {f"p{q}": float(np.percentile(a, q)) for q in (50, 90, 95, 99)}
+    return stats | {"mean": float(a.mean()), "min": float(a.min())}
 
 
 # --- the client -----------------------------------------------------------------------------------------------------

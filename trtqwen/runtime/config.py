@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from trtqwen.errors import UserError
 
@@ -32,6 +32,21 @@ class ModelConfig:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    def shard(self, tp: int) -> "ModelConfig":
+        """One tensor-parallel rank's dims: query heads, KV heads, MLP and (padded) vocabulary split tp ways.
+
+        KV heads fewer than ranks are copied (one per rank), as TensorRT-LLM's exporters do.
+        """
+        if tp == 1:
+            return self
+        kv_ok = self.num_kv_heads % tp == 0 or tp % self.num_kv_heads == 0
+        if self.num_heads % tp or self.intermediate_size % tp or not kv_ok:
+            raise UserError(f"TP {tp} does not divide the model's {self.num_heads} query heads, {self.num_kv_heads} KV "
+                            f"heads and MLP size {self.intermediate_size}",
+                            "TP is fixed when the checkpoint is written: rebuild with a TP that divides them")
+        return replace(self, num_heads=self.num_heads // tp, num_kv_heads=max(1, self.num_kv_heads // tp),
+                       intermediate_size=self.intermediate_size // tp, vocab_size=-(-self.vocab_size // tp), tp_size=tp)
 
     @classmethod
     def from_hf(cls, c: dict) -> "ModelConfig":

@@ -64,7 +64,9 @@ class LLMEngine:
         if cuda_graphs if cuda_graphs is not None else model.device.type == "cuda":
             from trtqwen.runtime.cuda_graphs import GraphedDecode
 
-            self.graphs = GraphedDecode(model, self.cache, max_slots, self.max_seq_len)
+            runner = getattr(model, "graphed_decode", None)  # a tensor-parallel model graphs every rank (tp.py)
+            self.graphs = (runner(self.cache, max_slots, self.max_seq_len) if runner
+                           else GraphedDecode(model, self.cache, max_slots, self.max_seq_len))
             if model.device.type == "cuda":
                 self.graphs.capture_all()
         self.prefill_chunk = prefill_chunk

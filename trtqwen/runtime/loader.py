@@ -32,20 +32,31 @@ def checkpoint_kind(path: Path) -> str:
 
 
 def load_model(path: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-               max_positions: int | None = None, int4_kernels: bool | None = None) -> Qwen2Model:
+               max_positions: int | None = None, int4_kernels: bool | None = None, tp_ranks: bool = False,
+               gpu_ids: list[int] | None = None):
     """HF dir or TensorRT-LLM checkpoint → Qwen2Model on device (float32 on CPU, bf16 on CUDA by default).
 
     int4_kernels (default: on a GPU in bf16) runs INT4-AWQ linears on packed int4 weights instead of
     dequantized 16-bit copies: the speed and the memory a 4-bit checkpoint is for.
+    tp_ranks: run a TP > 1 checkpoint as one process per rank (runtime/tp.py; on GPUs gpu_ids, default 0..tp-1)
+    instead of merging its shards; the returned proxy must be close()d.
     """
     path = Path(path)
-    on_cpu = torch.device(device).type == "cpu"
-    dtype = dtype or (torch.float32 if on_cpu else torch.bfloat16)
-    if int4_kernels is None:
-        int4_kernels = not on_cpu and dtype == torch.bfloat16
     kind = checkpoint_kind(path)
+    if tp_ranks and kind == "trtllm" and checkpoint_tp(path) > 1:
+        from trtqwen.runtime.tp import load_tp_model
+
+        return load_tp_model(path, str(device), gpu_ids, dtype, max_positions, int4_kernels)
+    dtype, int4_kernels = target_dtype(device, dtype, int4_kernels)
     model = load_hf(path, max_positions) if kind == "hf" else load_trtllm(path, max_positions)
     return model.to(device=device, dtype=dtype, int4_kernels=int4_kernels)
+
+
+def target_dtype(device, dtype: torch.dtype | None, int4_kernels: bool | None) -> tuple[torch.dtype, bool]:
+    """The defaults: float32 on CPU, bf16 on CUDA; int4 kernels on a GPU in bf16."""
+    on_cpu = torch.device(device).type == "cpu"
+    dtype = dtype or (torch.float32 if on_cpu else torch.bfloat16)
+    return dtype, (not on_cpu and dtype == torch.bfloat16) if int4_kernels is None else int4_kernels
 
 
 def load_hf(path: Path, max_positions: int | None = None) -> Qwen2Model:
@@ -128,61 +139,104 @@ def _rank_files(path: Path, cfg: dict) -> list[Path]:
     return files
 
 
-def load_trtllm(path: Path, max_positions: int | None = None) -> Qwen2Model:
-    """Merge the TP shards of a TensorRT-LLM Qwen2 checkpoint: column-parallel along out, row-parallel along in."""
-    raw = json.loads((path / "config.json").read_text())
-    cfg = ModelConfig.from_trtllm(raw)
-    ranks = [read_safetensors([f]) for f in _rank_files(path, raw)]
-    qa, g = cfg.quant_algo, cfg.group_size
-    tp = len(ranks)
+class _Shards:
+    """Linears of a TensorRT-LLM checkpoint from one or more of its rank files: column-parallel ones merged
+    along out, row-parallel ones along in (one rank file: that rank's own shard, as it is)."""
 
-    def merge_column(parts: list[torch.Tensor], split: list[int] | None) -> torch.Tensor:
+    def __init__(self, ranks: list[dict[str, torch.Tensor]], cfg: ModelConfig):
+        self.ranks, self.qa, self.g = ranks, cfg.quant_algo, cfg.group_size
+
+    def _merge_column(self, parts: list[torch.Tensor], split: list[int] | None) -> torch.Tensor:
         if split:  # fused qkv: each rank holds [q_r; k_r; v_r] → [q; k; v]
-            per = [s // tp for s in split]
+            per = [s // len(parts) for s in split]
             parts = [torch.cat(p) for p in zip(*[x.split(per) for x in parts])]
         return torch.cat(parts)
 
-    def int4_parts(name: str, merge) -> tuple | None:
+    def _int4_parts(self, name: str, merge) -> tuple | None:
         """AWQ's signed 4-bit values and group scales, merged like the weights, for the int4 GEMM."""
-        if qa != "W4A16_AWQ":
+        if self.qa != "W4A16_AWQ":
             return None
-        return merge([unpack_int4(r[name + ".weight"], 0) for r in ranks]), \
-            merge([r[name + ".weights_scaling_factor"].float() for r in ranks]), g
+        return merge([unpack_int4(r[name + ".weight"], 0) for r in self.ranks]), \
+            merge([r[name + ".weights_scaling_factor"].float() for r in self.ranks]), self.g
 
-    def column(name: str, split: list[int] | None = None) -> Linear:
-        merge = lambda parts: merge_column(parts, split)  # noqa: E731
-        w = merge([dequantize(r, name, qa, g) for r in ranks])
-        b = merge([r[name + ".bias"].float() for r in ranks]) if name + ".bias" in ranks[0] else None
-        int4 = None if name == "lm_head" else int4_parts(name, merge)
-        return _linear(name, w, b, [r.get(name + ".prequant_scaling_factor") for r in ranks][0], int4)
+    def column(self, name: str, split: list[int] | None = None) -> Linear:
+        """split: the full model's [q, k, v] sizes of a fused qkv (to merge ranks' [q_r; k_r; v_r])."""
+        merge = lambda parts: self._merge_column(parts, split)  # noqa: E731
+        w = merge([dequantize(r, name, self.qa, self.g) for r in self.ranks])
+        b = merge([r[name + ".bias"].float() for r in self.ranks]) if name + ".bias" in self.ranks[0] else None
+        int4 = None if name == "lm_head" else self._int4_parts(name, merge)
+        return self._linear(name, w, b, self.ranks[0].get(name + ".prequant_scaling_factor"), int4)
 
-    def row(name: str) -> Linear:
+    def row(self, name: str) -> Linear:
         merge = lambda parts: torch.cat(parts, dim=1)  # noqa: E731
-        w = merge([dequantize(r, name, qa, g) for r in ranks])
-        pre = [r.get(name + ".prequant_scaling_factor") for r in ranks]
-        return _linear(name, w, None, torch.cat(pre) if pre[0] is not None else None, int4_parts(name, merge))
+        w = merge([dequantize(r, name, self.qa, self.g) for r in self.ranks])
+        pre = [r.get(name + ".prequant_scaling_factor") for r in self.ranks]
+        return self._linear(name, w, None, torch.cat(pre) if pre[0] is not None else None, self._int4_parts(name, merge))
 
-    def _linear(name, w, b, pre, int4=None) -> Linear:
-        kind, scale = _act(ranks[0], name, qa)
+    def _linear(self, name, w, b, pre, int4=None) -> Linear:
+        kind, scale = _act(self.ranks[0], name, self.qa)
         lin = Linear(w, b, None if pre is None else pre.float(), kind, scale)
         lin.int4 = int4
         return lin
 
-    layers = []
-    for i in range(cfg.num_layers):
-        p = f"transformer.layers.{i}."
-        kv = ranks[0].get(p + "attention.kv_cache_scaling_factor")
-        layers.append(LayerWeights(
-            ln1=ranks[0][p + "input_layernorm.weight"].float(),
-            qkv=column(p + "attention.qkv", [cfg.q_size, cfg.kv_size, cfg.kv_size]),
-            o=row(p + "attention.dense"),
-            ln2=ranks[0][p + "post_layernorm.weight"].float(),
-            gate=column(p + "mlp.fc"), up=column(p + "mlp.gate"), down=row(p + "mlp.proj"),
-            kv_scale=None if kv is None else kv.float().reshape(()),
-        ))
+    def layers(self, cfg: ModelConfig) -> list[LayerWeights]:
+        """cfg: the full model's (merged ranks) or one rank's (its own shard) dims."""
+        first, out = self.ranks[0], []
+        for i in range(cfg.num_layers):
+            p = f"transformer.layers.{i}."
+            kv = first.get(p + "attention.kv_cache_scaling_factor")
+            out.append(LayerWeights(
+                ln1=first[p + "input_layernorm.weight"].float(),
+                qkv=self.column(p + "attention.qkv", [cfg.q_size, cfg.kv_size, cfg.kv_size]),
+                o=self.row(p + "attention.dense"),
+                ln2=first[p + "post_layernorm.weight"].float(),
+                gate=self.column(p + "mlp.fc"), up=self.column(p + "mlp.gate"), down=self.row(p + "mlp.proj"),
+                kv_scale=None if kv is None else kv.float().reshape(()),
+            ))
+        return out
+
+
+def _trtllm_config(path: Path) -> tuple[dict, ModelConfig]:
+    raw = json.loads((Path(path) / "config.json").read_text())
+    return raw, ModelConfig.from_trtllm(raw)
+
+
+def checkpoint_tp(path: Path) -> int:
+    """The TP size a checkpoint was sharded for (1 for an HF checkpoint)."""
+    return _trtllm_config(path)[1].tp_size if checkpoint_kind(Path(path)) == "trtllm" else 1
+
+
+def load_trtllm(path: Path, max_positions: int | None = None) -> Qwen2Model:
+    """Merge the TP shards of a TensorRT-LLM Qwen2 checkpoint: column-parallel along out, row-parallel along in."""
+    raw, cfg = _trtllm_config(path)
+    ranks = [read_safetensors([f]) for f in _rank_files(Path(path), raw)]
+    shards = _Shards(ranks, cfg)
+    layers = shards.layers(cfg)
     embeds = [r["transformer.vocab_embedding.weight"] for r in ranks]
-    split_vocab = tp > 1 and embeds[0].shape[0] < cfg.vocab_size  # use_parallel_embedding along the vocab
+    split_vocab = len(ranks) > 1 and embeds[0].shape[0] < cfg.vocab_size  # use_parallel_embedding along the vocab
     embed = (torch.cat(embeds) if split_vocab else embeds[0]).float()[: cfg.vocab_size]
-    lm_head = column("lm_head")
+    lm_head = shards.column("lm_head")
     lm_head.weight.data = lm_head.weight.data[: cfg.vocab_size]  # vocab padded to a multiple of TP
     return Qwen2Model(cfg, embed, layers, ranks[0]["transformer.ln_f.weight"].float(), lm_head, max_positions)
+
+
+def load_rank(path: Path, rank: int, max_positions: int | None = None, cls: type[Qwen2Model] = Qwen2Model) -> Qwen2Model:
+    """Only rank{rank}.safetensors of a TP checkpoint → a model of that rank's shard (cfg: ModelConfig.shard).
+
+    Its embedding and lm_head hold the rank's slice of the padded vocabulary (the embedding all of it where the
+    checkpoint does not split it); runtime/tp.py wires the collectives that make the shards one model.
+    """
+    raw, full = _trtllm_config(path)
+    files = _rank_files(Path(path), raw)
+    if not 0 <= rank < len(files):
+        raise UserError(f"{path} has ranks 0..{len(files) - 1}, not rank {rank}")
+    cfg = full.shard(len(files))
+    t = read_safetensors([files[rank]])
+    qkv_rows = t["transformer.layers.0.attention.qkv.weight"].shape[0] * (2 if cfg.quant_algo == "W4A16_AWQ" else 1)
+    if cfg.quant_algo not in ("W8A16", "W4A16") and qkv_rows != cfg.q_size + 2 * cfg.kv_size:
+        raise UserError(f"{files[rank]}: fused qkv has {qkv_rows} rows, not the {cfg.q_size + 2 * cfg.kv_size} "
+                        f"of a TP {cfg.tp_size} shard", "the rank files do not match config.json: rebuild the checkpoint")
+    shards = _Shards([t], cfg)
+    model = cls(cfg, t["transformer.vocab_embedding.weight"].float(), shards.layers(cfg),
+                t["transformer.ln_f.weight"].float(), shards.column("lm_head"), max_positions)
+    return model

@@ -103,6 +103,12 @@ class Qwen2Model(torch.nn.Module):
         x = x + self._attn_decode(lw, x, pos, rows, mask, k_cache, v_cache)
         return x + self._mlp(lw, x)
 
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embed[tokens]  # a tensor-parallel rank looks up its vocabulary shard (runtime/tp.py)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(x)  # a tensor-parallel rank gathers every rank's vocabulary shard (runtime/tp.py)
+
     def new_cache(self, num_slots: int, max_seq_len: int) -> KVCache:
         return KVCache(self.cfg, num_slots, max_seq_len, self.device, self.dtype)
 
@@ -151,7 +157,7 @@ class Qwen2Model(torch.nn.Module):
         T = tokens.shape[0]
         end = start + T
         positions = torch.arange(start, end, device=self.device).unsqueeze(0)
-        x = self.embed[tokens].unsqueeze(0)
+        x = self.embed_tokens(tokens).unsqueeze(0)
         # A first chunk is plainly causal (flash kernels); a later one sees the cached prefix through a mask.
         mask = None if start == 0 else torch.arange(end, device=self.device).unsqueeze(0) <= positions.view(T, 1)
         for i, lw in enumerate(self.layers):
@@ -164,7 +170,7 @@ class Qwen2Model(torch.nn.Module):
             x = x + self.reduce(lw.o(attn.transpose(1, 2).reshape(1, T, c.q_size)))
             x = x + self.reduce(self._mlp(lw, x))
         x = rms_norm(x if all_logits else x[:, -1:], self.norm, c.norm_eps)
-        return self.lm_head(x)[0].float()  # [T or 1, V]
+        return self.head(x)[0].float()  # [T or 1, V]
 
     @torch.inference_mode()
     def prefill_fresh(self, prompts: list[torch.Tensor], cache: KVCache, slots: list[int]) -> torch.Tensor:
@@ -180,7 +186,7 @@ class Qwen2Model(torch.nn.Module):
             tokens[row, : p.shape[0]] = p
         positions = torch.arange(T, device=self.device).unsqueeze(0).expand(n, T)
         idx = torch.tensor(slots, device=self.device)
-        x = self.embed[tokens]
+        x = self.embed_tokens(tokens)
         for i, lw in enumerate(self.layers):
             q, k, v = self._qkv(lw, rms_norm(x, lw.ln1, c.norm_eps), positions)
             k, v = self._kv_quant(lw, k), self._kv_quant(lw, v)  # attend to what the cache holds
@@ -191,7 +197,7 @@ class Qwen2Model(torch.nn.Module):
             x = x + self.reduce(self._mlp(lw, x))
         last = torch.tensor([p.shape[0] - 1 for p in prompts], device=self.device)
         x = rms_norm(x[torch.arange(n, device=self.device), last].unsqueeze(1), self.norm, c.norm_eps)
-        return self.lm_head(x)[:, 0].float()
+        return self.head(x)[:, 0].float()
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, kv_len: int | None = None):
@@ -202,7 +208,7 @@ class Qwen2Model(torch.nn.Module):
         """
         B = tokens.shape[0]
         L = kv_len or int(positions.max()) + 1
-        x = self.embed[tokens].unsqueeze(1)  # [B, 1, H]
+        x = self.embed_tokens(tokens).unsqueeze(1)  # [B, 1, H]
         pos = positions.view(B, 1)
         rows = torch.arange(B, device=self.device)
         mask = (torch.arange(L, device=self.device).view(1, L) <= pos).view(B, 1, 1, L)
@@ -212,7 +218,7 @@ class Qwen2Model(torch.nn.Module):
                 continue
             x = x + self.reduce(self.attn_block(lw, x, pos, rows, mask, cache.k[i], cache.v[i]))
             x = x + self.reduce(self.mlp_block(lw, x))
-        return self.lm_head(rms_norm(x, self.norm, self.cfg.norm_eps))[:, 0].float()
+        return self.head(rms_norm(x, self.norm, self.cfg.norm_eps))[:, 0].float()
 
     @torch.inference_mode()
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:

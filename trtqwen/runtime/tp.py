@@ -260,7 +260,7 @@ class TPModel:
                 dist.broadcast_object_list([{"op": "shutdown"}], src=0, group=self.commands)
             except Exception:  # noqa: BLE001 - a worker is gone already: it is killed below
                 pass
-        elif self.failure:  # the survivors wait in a collective that will never complete
+        else:  # a failed start or a dead rank: the others wait for something that will never come
             for p in self.procs:
                 p.kill()
         deadline = time.monotonic() + STOP_TIMEOUT_S

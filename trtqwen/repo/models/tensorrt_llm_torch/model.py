@@ -73,8 +73,11 @@ class TritonPythonModel:
         self.pad_id = int(param("pad_id", "151643"))
         self.exclude_input_default = as_bool(param("exclude_input_in_output"), False)
         self.max_batch_size = max(1, int(cfg.get("max_batch_size") or 1))
-        self.device = self._device(args, param("gpu_device_ids", "0"))
-        self.model = load_model(param("gpt_model_path"), self.device, max_positions=self.max_seq_len)
+        self.device, gpus = self._devices(args, param("gpu_device_ids", "0"))
+        self.broken: str | None = None  # why the model cannot serve any more (a tensor-parallel rank died)
+        # A TP > 1 checkpoint runs as one process per rank, started (and stopped in finalize) by this model.
+        self.model = load_model(param("gpt_model_path"), self.device, max_positions=self.max_seq_len, tp_ranks=True,
+                                gpu_ids=gpus)
         if self.device.startswith("cuda") and as_bool(param("torch_compile"), True):
             self.model.compile()  # fused decode blocks; the engine then captures CUDA graphs of them
         self.slots = self._slots(float(param("kv_cache_free_gpu_mem_fraction", "0.9")))
@@ -91,22 +94,26 @@ class TritonPythonModel:
         self.running = True
         self.thread = threading.Thread(target=self._loop, name="trtqwen-engine", daemon=True)
         self.thread.start()
-        self.logger.log_info(f"[trtqwen] tensorrt_llm (torch runtime) on {self.device}: {self.slots} slots, "
+        tp = getattr(self.model, "tp_size", 1)
+        where = self.device if tp == 1 else f"{self.device}, TP {tp}: one process per rank" + (f" on GPUs {gpus}" if gpus else "")
+        self.logger.log_info(f"[trtqwen] tensorrt_llm (torch runtime) on {where}: {self.slots} slots, "
                              f"max_input_len {self.max_input_len}, max_seq_len {self.max_seq_len}")
 
-    def _device(self, args, gpu_device_ids: str) -> str:
+    def _devices(self, args, gpu_device_ids: str) -> tuple[str, list[int] | None]:
+        """This instance's device (its group's first GPU) and its group of GPUs, one per TP rank."""
         if not self.torch.cuda.is_available():
-            return "cpu"
+            return "cpu", None
         groups = [g for g in gpu_device_ids.split(";") if g.strip()] or ["0"]
         name = args.get("model_instance_name", "")
         index = int(name.rsplit("_", 1)[-1]) if name.rsplit("_", 1)[-1].isdigit() else 0
-        return f"cuda:{groups[index % len(groups)].split(',')[0].strip()}"
+        gpus = [int(i) for i in groups[index % len(groups)].split(",") if i.strip()]
+        return f"cuda:{gpus[0]}", gpus
 
     def _slots(self, fraction: float) -> int:
         """KV slots: max_batch_size, fewer where the GPU memory left after the weights cannot hold them."""
         if not self.device.startswith("cuda"):
             return self.max_batch_size
-        c = self.model.cfg
+        c = getattr(self.model, "local", self.model).cfg  # a TP model's cache: this rank's KV heads
         per_slot = 2 * c.num_layers * c.num_kv_heads * c.head_dim * self.max_seq_len * self.model.dtype.itemsize
         free, _ = self.torch.cuda.mem_get_info(self.torch.device(self.device))
         return max(1, min(self.max_batch_size, int(free * fraction // per_slot)))
@@ -137,6 +144,8 @@ class TritonPythonModel:
         sender.send(flags=FINAL)
 
     def _add(self, request, sender):
+        if self.broken:
+            raise RequestError(self.broken)
         streaming = as_bool(_value(request, "streaming"), False)
         if streaming and not self.decoupled:
             raise RequestError("streaming needs decoupled mode: package the repository with streaming on")
@@ -292,17 +301,27 @@ class TritonPythonModel:
             if gone and s.req is not None:
                 self.engine.cancel(s.req)
 
-    def _fail_all(self, message: str):
+    def _fail_all(self, message: str, restart: bool = True):
         with self.lock:
             active = list(self.streams.values())
         for s in active:
             if not s.closed:
                 self._close(s, pb_utils.InferenceResponse(error=pb_utils.TritonError(message)))
         self.dirty = []
-        self.engine = self._new_engine()
+        if not restart or self.broken:
+            return
+        try:
+            self.engine = self._new_engine()
+        except Exception as e:  # noqa: BLE001 - a dead TP rank: refuse every request from now on, loudly
+            self.broken = f"the model cannot serve: {e} (see the server log; restart the server)"
+            self.logger.log_error(f"[trtqwen] {self.broken}")
+            self.running = False
+            self._fail_all(self.broken, restart=False)  # requests added while the engine was being remade
 
     def finalize(self):
         self.running = False
         self.wake.set()
         self.thread.join(timeout=10)
-        self._fail_all("the model is being unloaded")
+        self._fail_all("the model is being unloaded", restart=False)
+        if hasattr(self.model, "close"):
+            self.model.close()  # stop the TP rank processes (shutdown, then kill what lingers)

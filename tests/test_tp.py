@@ -33,7 +33,7 @@ def rank_pids_for(path: Path) -> list[int]:
             cmd = (d / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"trtqwen.runtime.tp" in cmd and str(path).encode() in cmd:
+        if b"trtqwen.runtime.tp" in cmd and str(Path(path).resolve()).encode() in b" ".join(cmd):
             pids.append(int(d.name))
     return pids
 
@@ -201,3 +201,20 @@ def test_served_tp2_answers_as_tp1_and_leaves_no_rank_behind(served):
     while rank_pids_for(checkpoint) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not rank_pids_for(checkpoint)
+
+
+def shard_heads(model, plus: int = 0) -> int:
+    """Run on every rank by the `call` command."""
+    return model.cfg.num_heads + plus
+
+
+def test_random_shards_are_slices_of_the_tp1_random_model():
+    """What bench/tp_gpu.py relies on: random rank shards made apart add up to random_model's TP 1 model."""
+    from trtqwen.runtime.random_model import SMALL, random_model
+    from trtqwen.runtime.tp import RandomShards
+
+    full = random_model(SMALL, device="cpu", dtype=torch.float32, max_positions=256)
+    x = torch.arange(10, 60)
+    with TPModel(RandomShards("small", 2), dtype=torch.float32, max_positions=256) as model:
+        assert torch.allclose(model.logits(x), full.logits(x), atol=1e-4)
+        assert model.call("call", fn="tests.test_tp:shard_heads", kwargs={"plus": 10}) == 12

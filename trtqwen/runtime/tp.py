@@ -14,12 +14,15 @@ from __future__ import annotations
 import argparse
 import atexit
 import datetime
+import importlib
+import json
 import os
 import subprocess
 import sys
 import threading
 import time
 import traceback
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -27,6 +30,7 @@ import torch.distributed as dist
 
 from trtqwen.errors import UserError
 from trtqwen.runtime.cuda_graphs import GraphedDecode
+from trtqwen.runtime.config import ModelConfig
 from trtqwen.runtime.model import KVCache, Qwen2Model
 
 INIT_TIMEOUT_S = 300  # loading a 7B shard and joining the group
@@ -73,6 +77,59 @@ class RankModel(Qwen2Model):
         return full[..., : self.vocab_size]  # TensorRT-LLM pads the vocabulary to a multiple of TP
 
 
+@dataclass(frozen=True)
+class CheckpointShards:
+    """Rank i's weights: rank{i}.safetensors of a TensorRT-LLM checkpoint, and nothing else of it."""
+
+    path: str
+
+    def config(self) -> ModelConfig:
+        from trtqwen.runtime.loader import _rank_files, _trtllm_config
+
+        raw, cfg = _trtllm_config(Path(self.path))
+        _rank_files(Path(self.path), raw)
+        return cfg
+
+    def load(self, rank: int, device: str, dtype: torch.dtype, max_positions: int | None) -> RankModel:
+        from trtqwen.runtime.loader import load_rank
+
+        return load_rank(Path(self.path), rank, max_positions, cls=RankModel)
+
+
+@dataclass(frozen=True)
+class RandomShards:
+    """Rank i's shard of a random model (random_model.PRESETS), made on its device: benchmarks without a checkpoint."""
+
+    preset: str
+    tp: int
+
+    def config(self) -> ModelConfig:
+        from dataclasses import replace
+
+        from trtqwen.runtime.random_model import PRESETS
+
+        return replace(PRESETS[self.preset], tp_size=self.tp)
+
+    def load(self, rank: int, device: str, dtype: torch.dtype, max_positions: int | None) -> RankModel:
+        from trtqwen.runtime.random_model import random_model
+
+        return random_model(self.config(), device=device, dtype=dtype, max_positions=max_positions or 4096, tp=self.tp,
+                            rank=rank, cls=RankModel)
+
+
+SOURCES = {"checkpoint": CheckpointShards, "random": RandomShards}
+
+
+def _source_arg(source) -> str:
+    kind = next(k for k, c in SOURCES.items() if isinstance(source, c))
+    return json.dumps({"kind": kind, **asdict(source)})
+
+
+def _source_from_arg(arg: str):
+    d = json.loads(arg)
+    return SOURCES[d.pop("kind")](**d)
+
+
 class Rank:
     """What every rank does with a command; rank 0 runs it right after broadcasting it."""
 
@@ -105,6 +162,9 @@ class Rank:
                             self.cache, cmd["kv_len"])
         if op == "compile":
             return m.compile()
+        if op == "call":  # a function run on every rank's shard at once (benchmarks: bench/tp_gpu.py)
+            module, name = cmd["fn"].split(":")
+            return getattr(importlib.import_module(module), name)(m, **cmd.get("kwargs", {}))
         raise ValueError(f"unknown TP command {op!r}")
 
 
@@ -112,15 +172,11 @@ class Rank:
 class TPModel:
     """Rank 0's stand-in for a Qwen2Model: each call is broadcast to the workers, then run on rank 0's shard."""
 
-    def __init__(self, path: Path, device: str = "cpu", gpu_ids: list[int] | None = None,
+    def __init__(self, source: CheckpointShards | RandomShards, device: str = "cpu", gpu_ids: list[int] | None = None,
                  dtype: torch.dtype | None = None, max_positions: int | None = None, int4_kernels: bool | None = None):
-        from trtqwen.runtime.loader import _rank_files, _trtllm_config
-
-        path = Path(path)
-        raw, self.cfg = _trtllm_config(path)  # the full model's: LLMEngine checks token ids against its vocabulary
+        self.cfg = source.config()  # the full model's: LLMEngine checks token ids against its vocabulary
         self.tp = self.cfg.tp_size
         self.cfg.shard(self.tp)  # refuse a TP that does not divide the model before starting anything
-        _rank_files(path, raw)
         self.devices = _devices(device, gpu_ids, self.tp)
         self.procs: list[subprocess.Popen] = []
         self.failure: str | None = None
@@ -132,12 +188,12 @@ class TPModel:
         opts = dict(dtype=str(dtype).removeprefix("torch.") if dtype else "", max_positions=max_positions or 0,
                     int4_kernels="" if int4_kernels is None else str(int(int4_kernels)))
         for r in range(1, self.tp):
-            cmd = [_python(), "-m", "trtqwen.runtime.tp", str(path), "--rank", str(r), "--tp", str(self.tp),
+            cmd = [_python(), "-m", "trtqwen.runtime.tp", _source_arg(source), "--rank", str(r), "--tp", str(self.tp),
                    "--port", str(store.port), "--device", self.devices[r]] + [
                    x for k, v in opts.items() if v != "" for x in (f"--{k.replace('_', '-')}", str(v))]
             self.procs.append(subprocess.Popen(cmd, env=_worker_env(on_gpu)))
         try:
-            self.rank = Rank(_load_rank(path, 0, self.devices[0], dtype, max_positions, int4_kernels))
+            self.rank = Rank(_load_rank(source, 0, self.devices[0], dtype, max_positions, int4_kernels))
             self._wait_loaded(store)
             self.group, self.commands = _join(store, 0, self.tp, self.devices[0])
             self.rank.model.bind(self.group, self.cfg.vocab_size)
@@ -307,7 +363,7 @@ def load_tp_model(path: Path, device: str = "cpu", gpu_ids: list[int] | None = N
 
     device "cpu" (gloo) or "cuda" (NCCL, GPUs gpu_ids or 0..tp-1); dtype and int4_kernels as for load_model.
     """
-    return TPModel(path, device, gpu_ids, dtype, max_positions, int4_kernels)
+    return TPModel(CheckpointShards(str(Path(path).resolve())), device, gpu_ids, dtype, max_positions, int4_kernels)
 
 
 # --- shared by rank 0 and the workers -----------------------------------------------------------------------------
@@ -341,11 +397,11 @@ def _worker_env(on_gpu: bool) -> dict:
     return env
 
 
-def _load_rank(path: Path, rank: int, device: str, dtype, max_positions, int4_kernels) -> RankModel:
-    from trtqwen.runtime.loader import load_rank, target_dtype
+def _load_rank(source, rank: int, device: str, dtype, max_positions, int4_kernels) -> RankModel:
+    from trtqwen.runtime.loader import target_dtype
 
     dtype, int4_kernels = target_dtype(device, dtype, int4_kernels)
-    model = load_rank(path, rank, max_positions, cls=RankModel)
+    model = source.load(rank, device, dtype, max_positions)
     return model.to(device=device, dtype=dtype, int4_kernels=int4_kernels)
 
 
@@ -363,7 +419,7 @@ def _join(store, rank: int, tp: int, device: str):
 
 def worker_main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="one tensor-parallel rank of trtqwen's runtime (started by rank 0)")
-    ap.add_argument("path")
+    ap.add_argument("source", help="where the rank's weights come from (JSON, written by rank 0)")
     ap.add_argument("--rank", type=int, required=True)
     ap.add_argument("--tp", type=int, required=True)
     ap.add_argument("--port", type=int, required=True)
@@ -372,20 +428,19 @@ def worker_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-positions", type=int, default=None)
     ap.add_argument("--int4-kernels", type=int, default=None)
     a = ap.parse_args(argv)
-    from trtqwen.runtime.loader import _trtllm_config
-
+    source = _source_from_arg(a.source)
     store = dist.TCPStore("127.0.0.1", a.port, a.tp, is_master=False, timeout=datetime.timedelta(seconds=INIT_TIMEOUT_S))
     try:
         dtype = getattr(torch, a.dtype) if a.dtype else None
         int4 = None if a.int4_kernels is None else bool(a.int4_kernels)
-        rank = Rank(_load_rank(Path(a.path), a.rank, a.device, dtype, a.max_positions, int4))
+        rank = Rank(_load_rank(source, a.rank, a.device, dtype, a.max_positions, int4))
     except BaseException as e:  # noqa: BLE001 - rank 0 reports it
         store.set(f"error{a.rank}", f"{type(e).__name__}: {e}")
         traceback.print_exc()
         return 1
     store.set(f"loaded{a.rank}", "1")
     group, commands = _join(store, a.rank, a.tp, a.device)
-    rank.model.bind(group, _trtllm_config(Path(a.path))[1].vocab_size)
+    rank.model.bind(group, source.config().vocab_size)
     while True:
         box = [None]
         dist.broadcast_object_list(box, src=0, group=commands)  # fails when rank 0 is gone: this process ends

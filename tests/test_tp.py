@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -196,6 +197,17 @@ def test_served_tp2_answers_as_tp1_and_leaves_no_rank_behind(served):
         assert two and two == one, (prompt, one, two)
     log = (repos[2] / "tritonserver.log").read_text(errors="replace")
     assert "TP 2: one process per rank" in log
+
+    os.kill(workers[0], signal.SIGKILL)  # a dead rank: requests fail loudly, the server stays up
+    t0 = time.monotonic()
+    for _ in range(2):  # the one that meets the dead rank, and any later one
+        with pytest.raises(urllib.error.HTTPError) as e:
+            generate_stream(2, "Hello", 4)
+        assert "rank 1" in e.value.read().decode(), "the error names the dead rank"
+    assert time.monotonic() - t0 < 10
+    with urllib.request.urlopen(f"http://127.0.0.1:{PORTS[2]}/v2/health/live", timeout=5) as r:
+        assert r.status == 200
+    assert "TP rank 1" in (repos[2] / "tritonserver.log").read_text(errors="replace")
     server.stop(repos[2])
     deadline = time.monotonic() + 10
     while rank_pids_for(checkpoint) and time.monotonic() < deadline:

@@ -34,6 +34,7 @@ def main() -> None:
     args = ap.parse_args()
     c, out = CONFIG, args.out
     out.mkdir(parents=True, exist_ok=True)
+    write_qwen_tokenizer(out)  # first: it fails fast where tiktoken or blobfile is missing
     g = torch.Generator(device=args.device).manual_seed(0)
     w = lambda *s: torch.empty(*s, device=args.device, dtype=torch.bfloat16).normal_(0, 0.02, generator=g).cpu()  # noqa: E731
     ones = lambda n: torch.ones(n, dtype=torch.bfloat16)  # noqa: E731
@@ -60,8 +61,7 @@ def main() -> None:
         if i % 4 == 3 or i == L - 1:
             flush(f"model-layers-{i // 4:02d}.safetensors")
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}, indent=1))
-    (out / "config.json").write_text(json.dumps(c, indent=2))
-    write_qwen_tokenizer(out)
+    (out / "config.json").write_text(json.dumps(c, indent=2))  # last: its presence marks a complete checkpoint
     print(f"wrote {out}: {len(index)} tensors")
 
 

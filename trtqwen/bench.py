@@ -59,13 +59,26 @@ def make_prompt(tok, n_tokens: int, rng: random.Random, pool: list[str] | None =
     return text
 
 
+class FastTokenizer:
+    """tokenizer.json through the `tokenizers` library alone: the two calls prompt-making needs, no transformers."""
+
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer
+
+        self.tok = Tokenizer.from_file(str(path))
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def get_vocab(self) -> dict[str, int]:
+        return self.tok.get_vocab()
+
+
 def load_tokenizer(tokenizer_dir):
     if tokenizer_dir is None:
         return None
-    from transformers import AutoTokenizer
-
     try:
-        return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        return FastTokenizer(Path(tokenizer_dir) / "tokenizer.json")
     except Exception as e:  # noqa: BLE001
         raise UserError(f"cannot load a tokenizer from {tokenizer_dir} ({type(e).__name__})",
                         "pass the build directory's tokenizer/ folder (the one the server uses)") from None

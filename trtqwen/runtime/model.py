@@ -99,8 +99,8 @@ class Qwen2Model(torch.nn.Module):
             self.mlp_block = torch.compile(self._mlp, dynamic=True)
         return self
 
-    def _layer_decode(self, lw: LayerWeights, x, pos, rows, mask, k_cache, v_cache) -> torch.Tensor:
-        x = x + self._attn_decode(lw, x, pos, rows, mask, k_cache, v_cache)
+    def _layer_decode(self, lw: LayerWeights, x, pos, cos, sin, rows, mask, k_cache, v_cache) -> torch.Tensor:
+        x = x + self._attn_decode(lw, x, pos, cos, sin, rows, mask, k_cache, v_cache)
         return x + self._mlp(lw, x)
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -120,7 +120,11 @@ class Qwen2Model(torch.nn.Module):
             return fake_quant_fp8(t, lw.kv_scale)
         return t
 
-    def _qkv(self, lw: LayerWeights, h: torch.Tensor, positions: torch.Tensor):
+    def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, 1, T, d] for positions [B, T]: gathered once per forward, shared by every layer."""
+        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+
+    def _qkv(self, lw: LayerWeights, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """h [B, T, H] → q [B, heads, T, d], k/v [B, kv_heads, T, d], rotary applied."""
         c = self.cfg
         B, T, _ = h.shape
@@ -129,21 +133,19 @@ class Qwen2Model(torch.nn.Module):
         q = q.view(B, T, c.num_heads, c.head_dim).transpose(1, 2)
         k = k.view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
         v = v.view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [B, 1, T, d]
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def _mlp(self, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         h = rms_norm(x, lw.ln2, self.cfg.norm_eps)
         return lw.down(F.silu(lw.gate(h)) * lw.up(h))
 
-    def _attn_decode(self, lw: LayerWeights, x: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor,
-                     mask: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    def _attn_decode(self, lw: LayerWeights, x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     rows: torch.Tensor, mask: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         """One new token per row: write its K/V at pos into the layer's cache [slots, kv_heads, S, d], attend."""
         c = self.cfg
         B = x.shape[0]
         L = mask.shape[-1]
-        q, k, v = self._qkv(lw, rms_norm(x, lw.ln1, c.norm_eps), pos)
+        q, k, v = self._qkv(lw, rms_norm(x, lw.ln1, c.norm_eps), cos, sin)
         positions = pos.view(B)
         k_cache[rows, :, positions] = self._kv_quant(lw, k[:, :, 0])
         v_cache[rows, :, positions] = self._kv_quant(lw, v[:, :, 0])
@@ -157,12 +159,12 @@ class Qwen2Model(torch.nn.Module):
         T = tokens.shape[0]
         end = start + T
         positions = torch.arange(start, end, device=self.device).unsqueeze(0)
+        cos, sin = self._rope(positions, self.dtype)
         x = self.embed_tokens(tokens).unsqueeze(0)
         # A first chunk is plainly causal (flash kernels); a later one sees the cached prefix through a mask.
         mask = None if start == 0 else torch.arange(end, device=self.device).unsqueeze(0) <= positions.view(T, 1)
         for i, lw in enumerate(self.layers):
-            h = rms_norm(x, lw.ln1, c.norm_eps)
-            q, k, v = self._qkv(lw, h, positions)
+            q, k, v = self._qkv(lw, rms_norm(x, lw.ln1, c.norm_eps), cos, sin)
             cache.k[i][slot, :, start:end] = self._kv_quant(lw, k[0])
             cache.v[i][slot, :, start:end] = self._kv_quant(lw, v[0])
             kc, vc = cache.k[i][slot : slot + 1, :, :end], cache.v[i][slot : slot + 1, :, :end]
@@ -185,10 +187,11 @@ class Qwen2Model(torch.nn.Module):
         for row, p in enumerate(prompts):
             tokens[row, : p.shape[0]] = p
         positions = torch.arange(T, device=self.device).unsqueeze(0).expand(n, T)
+        cos, sin = self._rope(positions, self.dtype)
         idx = torch.tensor(slots, device=self.device)
         x = self.embed_tokens(tokens)
         for i, lw in enumerate(self.layers):
-            q, k, v = self._qkv(lw, rms_norm(x, lw.ln1, c.norm_eps), positions)
+            q, k, v = self._qkv(lw, rms_norm(x, lw.ln1, c.norm_eps), cos, sin)
             k, v = self._kv_quant(lw, k), self._kv_quant(lw, v)  # attend to what the cache holds
             cache.k[i][idx, :, :T] = k
             cache.v[i][idx, :, :T] = v
@@ -210,13 +213,14 @@ class Qwen2Model(torch.nn.Module):
         L = kv_len or int(positions.max()) + 1
         x = self.embed_tokens(tokens).unsqueeze(1)  # [B, 1, H]
         pos = positions.view(B, 1)
+        cos, sin = self._rope(pos, self.dtype)
         rows = torch.arange(B, device=self.device)
         mask = (torch.arange(L, device=self.device).view(1, L) <= pos).view(B, 1, 1, L)
         for i, lw in enumerate(self.layers):
             if self.layer_block is not None:
-                x = self.layer_block(lw, x, pos, rows, mask, cache.k[i], cache.v[i])
+                x = self.layer_block(lw, x, pos, cos, sin, rows, mask, cache.k[i], cache.v[i])
                 continue
-            x = x + self.reduce(self.attn_block(lw, x, pos, rows, mask, cache.k[i], cache.v[i]))
+            x = x + self.reduce(self.attn_block(lw, x, pos, cos, sin, rows, mask, cache.k[i], cache.v[i]))
             x = x + self.reduce(self.mlp_block(lw, x))
         return self.head(rms_norm(x, self.norm, self.cfg.norm_eps))[:, 0].float()
 

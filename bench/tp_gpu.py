@@ -76,7 +76,7 @@ def speed(model, streams: int, steps: int, seq: int) -> dict:
 
 
 def allreduce_probe(model, batch: int, layers: int, reps: int = 50) -> dict:
-    """Run on every rank at once (the `call` command): µs per decode step's 2 × layers all-reduces of [batch, H]."""
+    """Run on every rank at once (TPModel.run_on_ranks): µs per decode step's 2 × layers all-reduces of [batch, H]."""
     import torch.distributed as dist
 
     x = torch.randn(batch, model.cfg.hidden_size, device=model.device, dtype=torch.bfloat16)
@@ -148,8 +148,7 @@ def speed_row(args, tp: int) -> list[dict]:
         rows.append(row)
         if isinstance(model, TPModel):
             for batch in (1, args.streams):
-                probe = model.call("call", fn="bench.tp_gpu:allreduce_probe",
-                                   kwargs={"batch": batch, "layers": model.cfg.num_layers})
+                probe = model.run_on_ranks("bench.tp_gpu:allreduce_probe", batch=batch, layers=model.cfg.num_layers)
                 rows.append({"row": "allreduce", "tp": tp, **probe})
     finally:
         close(model)

@@ -216,7 +216,7 @@ def test_served_tp2_answers_as_tp1_and_leaves_no_rank_behind(served):
 
 
 def shard_heads(model, plus: int = 0) -> int:
-    """Run on every rank by the `call` command."""
+    """Run on every rank by TPModel.run_on_ranks."""
     return model.cfg.num_heads + plus
 
 
@@ -229,4 +229,4 @@ def test_random_shards_are_slices_of_the_tp1_random_model():
     x = torch.arange(10, 60)
     with TPModel(RandomShards("small", 2), dtype=torch.float32, max_positions=256) as model:
         assert torch.allclose(model.logits(x), full.logits(x), atol=1e-4)
-        assert model.call("call", fn="tests.test_tp:shard_heads", kwargs={"plus": 10}) == 12
+        assert model.run_on_ranks("tests.test_tp:shard_heads", plus=10) == 12

@@ -185,7 +185,7 @@ class TPModel:
         store = dist.TCPStore("127.0.0.1", 0, self.tp, is_master=True, wait_for_workers=False,
                               timeout=datetime.timedelta(seconds=INIT_TIMEOUT_S))
         atexit.register(self.close)
-        opts = dict(dtype=str(dtype).removeprefix("torch.") if dtype else "", max_positions=max_positions or 0,
+        opts = dict(dtype=str(dtype).removeprefix("torch.") if dtype else "", max_positions=max_positions or "",
                     int4_kernels="" if int4_kernels is None else str(int(int4_kernels)))
         for r in range(1, self.tp):
             cmd = [_python(), "-m", "trtqwen.runtime.tp", _source_arg(source), "--rank", str(r), "--tp", str(self.tp),
@@ -244,6 +244,11 @@ class TPModel:
     def compile(self) -> "TPModel":
         self.call("compile")
         return self
+
+    def run_on_ranks(self, fn: str, **kwargs):
+        """fn ("module:function", importable on every rank) called as fn(rank's RankModel, **kwargs) on all ranks
+        at once (it may use collectives); rank 0's result."""
+        return self.call("call", fn=fn, kwargs=kwargs)
 
     # --- the command channel --------------------------------------------------------------------------------------
     def call(self, op: str, **args):

@@ -9,6 +9,7 @@ the model keeps serving.
 """
 
 import json
+import os
 import sys
 import threading
 import time
@@ -58,6 +59,12 @@ class TritonPythonModel:
         self.logger = pb_utils.Logger
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(cfg)
         param = lambda key, default=None: config_param(cfg, key, default)  # noqa: E731
+        devices = os.environ.pop("TRTQWEN_CUDA_VISIBLE_DEVICES", None)  # set by `trtqwen serve`: Triton ran GPU-free
+        if devices is not None:
+            if devices == "all":
+                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = devices
         try:
             import trtqwen  # noqa: F401
         except ImportError:  # not installed in the stub's Python: use the source the repository was made from

@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 # No test may reach a hub or phone home: everything they need is made locally.
@@ -66,3 +67,24 @@ def served_tiny(tiny_dir, tmp_path_factory):
         yield f"127.0.0.1:{base + 1}", f"127.0.0.1:{base}", repo
     finally:
         server.stop(repo)
+
+
+@contextlib.contextmanager
+def started_together(starts: dict, stop):
+    """Run the start callables side by side; yield {name: result}; stop those that started even if another failed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(starts)) as pool:
+        futures = {name: pool.submit(fn) for name, fn in starts.items()}
+        started, errors = {}, []
+        for name, f in futures.items():
+            try:
+                started[name] = f.result()
+            except Exception as e:  # noqa: BLE001 - stop whatever did start before failing
+                errors.append(e)
+        try:
+            if errors:
+                raise errors[0]
+            yield started
+        finally:
+            list(pool.map(stop, started.values()))

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import started_together
 
 from trtqwen import server
 from trtqwen.repo import generate_repo
@@ -117,23 +118,10 @@ def serve(build: Path, out: Path, streaming: bool):
 @pytest.fixture(scope="module")
 def servers(build_dir):
     """Two servers, started and stopped side by side: the streaming package, and one made with streaming off."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(2) as pool:
-        futures = {name: pool.submit(serve, build_dir, build_dir.parent / f"repo_{name}", name == "stream")
-                   for name in ("stream", "unary")}
-        started, errors = {}, []
-        for name, f in futures.items():
-            try:
-                started[name] = f.result()
-            except Exception as e:  # noqa: BLE001 - stop whatever did start before failing
-                errors.append(e)
-        try:
-            if errors:
-                raise errors[0]
-            yield started
-        finally:
-            list(pool.map(lambda s: server.stop(s.repo), started.values()))
+    starts = {name: (lambda name=name: serve(build_dir, build_dir.parent / f"repo_{name}", name == "stream"))
+              for name in ("stream", "unary")}
+    with started_together(starts, lambda s: server.stop(s.repo)) as started:
+        yield started
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import signal
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -140,6 +139,7 @@ PORTS = {1: 19610, 2: 19620}  # http, grpc, metrics = base, base+1, base+2
 @pytest.fixture(scope="module")
 def served(tiny_tp_dir, tmp_path_factory):
     """TP 1 and TP 2 packages of the tiny-tp model (bf16 checkpoints, torch runtime), served side by side."""
+    from conftest import started_together  # here, not at the top: rank workers import this module too
     from trtqwen import server
     from trtqwen.build import run_build
     from trtqwen.repo import generate_repo
@@ -155,21 +155,8 @@ def served(tiny_tp_dir, tmp_path_factory):
         server.start(repo, ["ensemble"], "127.0.0.1", base, base + 1, base + 2, timeout=150)
         return repo
 
-    with ThreadPoolExecutor(2) as pool:
-        futures = {tp: pool.submit(start, tp) for tp in PORTS}
-        repos, errors = {}, []
-        for tp, f in futures.items():
-            try:
-                repos[tp] = f.result()
-            except Exception as e:  # noqa: BLE001 - stop whatever did start before failing
-                errors.append(e)
-        try:
-            if errors:
-                raise errors[0]
-            yield repos, root
-        finally:
-            for repo in repos.values():
-                server.stop(repo)
+    with started_together({tp: (lambda tp=tp: start(tp)) for tp in PORTS}, server.stop) as repos:
+        yield repos, root
 
 
 def generate_stream(tp: int, prompt: str, max_tokens: int) -> str:

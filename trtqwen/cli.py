@@ -30,11 +30,6 @@ def fail(e: UserError) -> None:
     raise typer.Exit(2)
 
 
-def not_yet(feature: str, issue: int) -> None:
-    err.print(f"[bold yellow]not available yet:[/] {feature} arrives with issue {issue} of this project.")
-    raise typer.Exit(3)
-
-
 @app.command()
 def plan(
     model: Optional[Path] = typer.Option(None, "--model", help="HF config.json or model dir; default: built-in Qwen2.5-7B dims"),

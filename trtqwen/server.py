@@ -75,6 +75,7 @@ def _stub_env(libs: Path) -> dict:
         "LD_LIBRARY_PATH": os.pathsep.join(p for p in [sysconfig.get_config_var("LIBDIR"), str(libs),
                                                         os.environ.get("LD_LIBRARY_PATH", "")] if p),
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        "TRTQWEN_PYTRITON_STUB": "1",  # the python models check for numpy<2, which these stubs need
     }
 
 
@@ -170,7 +171,7 @@ def explain_log(log: Path, lines: int = 25) -> str:
 
 def start(repo: Path, models: list[str], host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 8001,
           metrics_port: int = 8002, log: Path | None = None, world_size: int = 1, timeout: float = 180,
-          install: TritonInstall | None = None, extra_env: dict | None = None) -> dict:
+          install: TritonInstall | None = None) -> dict:
     """Start tritonserver in the background and wait for it and every model to be ready; returns its state."""
     repo = Path(repo)
     if not repo.is_dir():
@@ -184,7 +185,7 @@ def start(repo: Path, models: list[str], host: str = "127.0.0.1", http_port: int
     cmd = server_command(install, repo, host, http_port, grpc_port, metrics_port, world_size)
     if world_size > 1 and not shutil.which("mpirun"):
         raise UserError("tensor parallel serving needs mpirun", "install OpenMPI (it comes with NVIDIA's TensorRT-LLM container)")
-    env = {**os.environ, **install.env, **(extra_env or {})}
+    env = {**os.environ, **install.env}
     with log.open("w") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     base = f"http://{host}:{http_port}"
@@ -244,18 +245,7 @@ def serve_repo(repo: Path, host: str, http_port: int, grpc_port: int, metrics_po
     plan = record.get("serve", {})
     os.environ.update(plan.get("env", {}))
     return start(repo, plan.get("models", []), host, http_port, grpc_port, metrics_port, log,
-                 plan.get("world_size", 1), timeout, extra_env=torch_runtime_env(record))
-
-
-def torch_runtime_env(record: dict) -> dict:
-    """The torch runtime opens its GPUs itself; tritonserver and the other python stubs see none.
-
-    On a GPU host the wheel's Triton handed the preprocessing stub garbage BYTES inputs (seen on an H100);
-    kept GPU-free it runs as on a CPU machine. The torch model restores the devices before importing torch.
-    """
-    if record.get("runtime") != "torch":
-        return {}
-    return {"TRTQWEN_CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "all"), "CUDA_VISIBLE_DEVICES": ""}
+                 plan.get("world_size", 1), timeout)
 
 
 def describe_commands(repo: Path, host: str, http_port: int, grpc_port: int, metrics_port: int) -> list[str]:

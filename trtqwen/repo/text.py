@@ -9,10 +9,27 @@ characters are 3 bytes, often split over two tokens), and decoding it alone give
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 REPLACEMENT = "\ufffd"
 TRUE_STRINGS = ("true", "1", "t", "y", "yes", "on")
+
+
+def check_stub_numpy() -> None:
+    """Fail at load, clearly, where the nvidia-pytriton wheel's stub runs under numpy 2.
+
+    Its python-backend stubs are built against numpy 1.x: under numpy 2 they hand models garbage BYTES tensors
+    (`unpack_from requires a buffer of at least …`, then the stub dies) — seen on a GPU box, reproduced here.
+    `trtqwen serve` sets TRTQWEN_PYTRITON_STUB for that server only; NVIDIA's own containers are not checked.
+    """
+    if os.environ.get("TRTQWEN_PYTRITON_STUB") == "1" and int(np.__version__.split(".")[0]) >= 2:
+        raise RuntimeError(
+            f"numpy {np.__version__} ({np.__file__}) in the Python that runs Triton's python models: the "
+            "nvidia-pytriton tritonserver's stubs need numpy<2 — install 'numpy<2' into that environment "
+            "(`make install` does; elsewhere a venv made with --system-site-packages and numpy<2 in it: PYTHONPATH "
+            "does not reach the stubs)")
 
 
 def as_bool(value, default: bool = False) -> bool:

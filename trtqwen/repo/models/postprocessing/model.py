@@ -10,11 +10,12 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from transformers import AutoTokenizer
-from trtqwen_text import as_bool, config_param
+from trtqwen_text import as_bool, check_stub_numpy, config_param
 
 
 class TritonPythonModel:
     def initialize(self, args):
+        check_stub_numpy()  # before any tensor crosses the stub
         cfg = json.loads(args["model_config"])
         self.tokenizer = AutoTokenizer.from_pretrained(config_param(cfg, "tokenizer_dir"), trust_remote_code=False)
         self.skip_special_tokens = as_bool(config_param(cfg, "skip_special_tokens"), True)

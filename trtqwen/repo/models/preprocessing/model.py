@@ -9,7 +9,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from transformers import AutoTokenizer
-from trtqwen_text import as_bool, config_param, to_word_list_format, utf8, words_of
+from trtqwen_text import as_bool, check_stub_numpy, config_param, to_word_list_format, utf8, words_of
 
 
 def _array(request, name):
@@ -19,6 +19,7 @@ def _array(request, name):
 
 class TritonPythonModel:
     def initialize(self, args):
+        check_stub_numpy()  # before any tensor crosses the stub
         cfg = json.loads(args["model_config"])
         self.tokenizer = AutoTokenizer.from_pretrained(config_param(cfg, "tokenizer_dir"), trust_remote_code=False)
         self.add_special_tokens = as_bool(config_param(cfg, "add_special_tokens"), False)

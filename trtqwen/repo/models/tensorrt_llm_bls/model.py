@@ -18,7 +18,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 from transformers import AutoTokenizer
 from trtqwen_interface import ENSEMBLE_TRTLLM_INPUTS, PASSTHROUGH_OUTPUTS, TEXT_INPUTS
-from trtqwen_text import IncrementalDecoder, TextDeltas, as_bool, config_param, utf8, words_of
+from trtqwen_text import IncrementalDecoder, TextDeltas, as_bool, check_stub_numpy, config_param, utf8, words_of
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 PREPROCESSING_INPUTS = {"QUERY": "text_input", "REQUEST_OUTPUT_LEN": "max_tokens", "BAD_WORDS_DICT": "bad_words",
@@ -44,6 +44,7 @@ def _error(message: str, code=None) -> "pb_utils.InferenceResponse":
 
 class TritonPythonModel:
     def initialize(self, args):
+        check_stub_numpy()  # before any tensor crosses the stub
         cfg = json.loads(args["model_config"])
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(cfg)
         self.accumulate = as_bool(config_param(cfg, "accumulate_tokens"), True)

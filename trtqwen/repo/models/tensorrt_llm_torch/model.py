@@ -9,7 +9,6 @@ the model keeps serving.
 """
 
 import json
-import os
 import sys
 import threading
 import time
@@ -17,7 +16,7 @@ import uuid
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from trtqwen_text import as_bool, config_param, is_complete_text, parse_word_list
+from trtqwen_text import as_bool, check_stub_numpy, config_param, is_complete_text, parse_word_list
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 CANCEL_CHECK_S = 0.1
@@ -55,16 +54,11 @@ class Stream:
 
 class TritonPythonModel:
     def initialize(self, args):
+        check_stub_numpy()  # before any tensor crosses the stub
         cfg = json.loads(args["model_config"])
         self.logger = pb_utils.Logger
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(cfg)
         param = lambda key, default=None: config_param(cfg, key, default)  # noqa: E731
-        devices = os.environ.pop("TRTQWEN_CUDA_VISIBLE_DEVICES", None)  # set by `trtqwen serve`: Triton ran GPU-free
-        if devices is not None:
-            if devices == "all":
-                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-            else:
-                os.environ["CUDA_VISIBLE_DEVICES"] = devices
         try:
             import trtqwen  # noqa: F401
         except ImportError:  # not installed in the stub's Python: use the source the repository was made from

@@ -9,6 +9,7 @@ characters are 3 bytes, often split over two tokens), and decoding it alone give
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -30,6 +31,18 @@ def check_stub_numpy() -> None:
             "nvidia-pytriton tritonserver's stubs need numpy<2 — install 'numpy<2' into that environment "
             "(`make install` does; elsewhere a venv made with --system-site-packages and numpy<2 in it: PYTHONPATH "
             "does not reach the stubs)")
+
+
+def model_config(args: dict) -> dict:
+    """What every model's initialize starts with: the numpy check, then its parsed config."""
+    check_stub_numpy()  # before any tensor crosses the stub
+    return json.loads(args["model_config"])
+
+
+def load_tokenizer(tokenizer_dir: str):
+    from transformers import AutoTokenizer  # here: only the models that detokenize pay for the import
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
 
 
 def as_bool(value, default: bool = False) -> bool:

@@ -5,19 +5,16 @@ end on a character boundary; the C++ backend sends single tokens, so with it use
 (accumulate_tokens), which detokenizes incrementally.
 """
 
-import json
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from transformers import AutoTokenizer
-from trtqwen_text import as_bool, check_stub_numpy, config_param
+from trtqwen_text import as_bool, config_param, load_tokenizer, model_config
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        check_stub_numpy()  # before any tensor crosses the stub
-        cfg = json.loads(args["model_config"])
-        self.tokenizer = AutoTokenizer.from_pretrained(config_param(cfg, "tokenizer_dir"), trust_remote_code=False)
+        cfg = model_config(args)
+        self.tokenizer = load_tokenizer(config_param(cfg, "tokenizer_dir"))
         self.skip_special_tokens = as_bool(config_param(cfg, "skip_special_tokens"), True)
 
     def execute(self, requests):

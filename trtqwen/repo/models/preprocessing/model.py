@@ -4,12 +4,11 @@ Tokenizer from the build's tokenizer dir (no remote code). No chat template is a
 ChatML prompt (FACTS §5). end_id/pad_id default to Qwen's <|im_end|>/<|endoftext|> as found in the tokenizer.
 """
 
-import json
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from transformers import AutoTokenizer
-from trtqwen_text import as_bool, check_stub_numpy, config_param, to_word_list_format, utf8, words_of
+from trtqwen_text import (as_bool, config_param, load_tokenizer, model_config,
+                          to_word_list_format, utf8, words_of)
 
 
 def _array(request, name):
@@ -19,9 +18,8 @@ def _array(request, name):
 
 class TritonPythonModel:
     def initialize(self, args):
-        check_stub_numpy()  # before any tensor crosses the stub
-        cfg = json.loads(args["model_config"])
-        self.tokenizer = AutoTokenizer.from_pretrained(config_param(cfg, "tokenizer_dir"), trust_remote_code=False)
+        cfg = model_config(args)
+        self.tokenizer = load_tokenizer(config_param(cfg, "tokenizer_dir"))
         self.add_special_tokens = as_bool(config_param(cfg, "add_special_tokens"), False)
         eos = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos

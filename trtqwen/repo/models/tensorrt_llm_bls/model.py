@@ -10,15 +10,14 @@ complete text is sent likewise.
 `execute` hands each request to a thread and returns, so concurrent streams are served together (FACTS §5).
 """
 
-import json
 import threading
 import uuid
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from transformers import AutoTokenizer
 from trtqwen_interface import ENSEMBLE_TRTLLM_INPUTS, PASSTHROUGH_OUTPUTS, TEXT_INPUTS
-from trtqwen_text import IncrementalDecoder, TextDeltas, as_bool, check_stub_numpy, config_param, utf8, words_of
+from trtqwen_text import (IncrementalDecoder, TextDeltas, as_bool, config_param,
+                          load_tokenizer, model_config, utf8, words_of)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 PREPROCESSING_INPUTS = {"QUERY": "text_input", "REQUEST_OUTPUT_LEN": "max_tokens", "BAD_WORDS_DICT": "bad_words",
@@ -44,14 +43,13 @@ def _error(message: str, code=None) -> "pb_utils.InferenceResponse":
 
 class TritonPythonModel:
     def initialize(self, args):
-        check_stub_numpy()  # before any tensor crosses the stub
-        cfg = json.loads(args["model_config"])
+        cfg = model_config(args)
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(cfg)
         self.accumulate = as_bool(config_param(cfg, "accumulate_tokens"), True)
         self.trtllm = config_param(cfg, "tensorrt_llm_model_name", "tensorrt_llm")
         self.interface = config_param(cfg, "tensorrt_llm_interface", "tokens")
         self.skip_special_tokens = as_bool(config_param(cfg, "skip_special_tokens"), True)
-        self.tokenizer = AutoTokenizer.from_pretrained(config_param(cfg, "tokenizer_dir"), trust_remote_code=False)
+        self.tokenizer = load_tokenizer(config_param(cfg, "tokenizer_dir"))
         self.input_names = [t.name for t in TEXT_INPUTS]
         self.logger = pb_utils.Logger
 

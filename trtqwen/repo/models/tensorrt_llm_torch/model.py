@@ -8,7 +8,6 @@ A request whose client has gone is cancelled at the next step; a bad request get
 the model keeps serving.
 """
 
-import json
 import sys
 import threading
 import time
@@ -16,7 +15,7 @@ import uuid
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from trtqwen_text import as_bool, check_stub_numpy, config_param, is_complete_text, parse_word_list
+from trtqwen_text import as_bool, config_param, is_complete_text, load_tokenizer, model_config, parse_word_list
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 CANCEL_CHECK_S = 0.1
@@ -54,8 +53,7 @@ class Stream:
 
 class TritonPythonModel:
     def initialize(self, args):
-        check_stub_numpy()  # before any tensor crosses the stub
-        cfg = json.loads(args["model_config"])
+        cfg = model_config(args)
         self.logger = pb_utils.Logger
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(cfg)
         param = lambda key, default=None: config_param(cfg, key, default)  # noqa: E731
@@ -85,9 +83,7 @@ class TritonPythonModel:
         self.engine = self._new_engine()
         self.tokenizer = None
         if param("tokenizer_dir"):
-            from transformers import AutoTokenizer
-
-            self.tokenizer = AutoTokenizer.from_pretrained(param("tokenizer_dir"), trust_remote_code=False)
+            self.tokenizer = load_tokenizer(param("tokenizer_dir"))
         self.lock = threading.Lock()
         self.streams: dict[str, Stream] = {}  # request id → stream, for `stop` requests and cancellation
         self.dirty: list[Stream] = []  # touched during a step (filled by on_token, in the stepping thread)

@@ -108,9 +108,8 @@ class Served:
         self.http_url, self.grpc_url = f"127.0.0.1:{self.http}", f"127.0.0.1:{self.grpc}"
 
 
-def serve(build: Path, out: Path, streaming: bool):
+def serve(build: Path, out: Path, streaming: bool, ports: list[int]):
     repo = generate_repo(build, out, runtime="torch", streaming=streaming)
-    ports = free_ports(3)
     server.start(repo, list(MODELS), http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2], timeout=120)
     return Served(repo, ports)
 
@@ -118,8 +117,10 @@ def serve(build: Path, out: Path, streaming: bool):
 @pytest.fixture(scope="module")
 def servers(build_dir):
     """Two servers, started and stopped side by side: the streaming package, and one made with streaming off."""
-    starts = {name: (lambda name=name: serve(build_dir, build_dir.parent / f"repo_{name}", name == "stream"))
-              for name in ("stream", "unary")}
+    ports = free_ports(6)  # chosen together, before either server binds: no two servers race for one port
+    starts = {name: (lambda name=name, i=i: serve(build_dir, build_dir.parent / f"repo_{name}", name == "stream",
+                                                  ports[3 * i : 3 * i + 3]))
+              for i, name in enumerate(("stream", "unary"))}
     with started_together(starts, lambda s: server.stop(s.repo)) as started:
         yield started
 

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from trtqwen.errors import UserError
+from trtqwen.qwen_tokenizer import DEFAULT_SYSTEM
 
 app = typer.Typer(
     add_completion=False,
@@ -28,6 +29,11 @@ def fail(e: UserError) -> None:
     if e.hint:
         err.print(f"  [yellow]→[/] {e.hint}")
     raise typer.Exit(2)
+
+
+# Options several client commands share.
+TRITON_URL = typer.Option("127.0.0.1:8001", help="Triton gRPC address")
+TRITON_MODEL = typer.Option("ensemble", help="ensemble or tensorrt_llm_bls")
 
 
 @app.command()
@@ -190,9 +196,9 @@ def serve(
 
 @app.command()
 def chat(
-    url: str = typer.Option("127.0.0.1:8001", help="Triton gRPC address"),
-    model: str = typer.Option("ensemble", help="ensemble or tensorrt_llm_bls"),
-    system: str = typer.Option("You are Qwen, created by Alibaba Cloud. You are a helpful assistant.", help="system prompt"),
+    url: str = TRITON_URL,
+    model: str = TRITON_MODEL,
+    system: str = typer.Option(DEFAULT_SYSTEM, help="system prompt"),
     max_tokens: int = typer.Option(512, help="longest answer"),
     temperature: float = typer.Option(0.7, help="sampling temperature"),
     top_p: float = typer.Option(0.8, help="nucleus sampling"),
@@ -239,7 +245,7 @@ def chat(
 
 @app.command()
 def ui(
-    url: str = typer.Option("127.0.0.1:8001", help="Triton gRPC address"),
+    url: str = TRITON_URL,
     model: Optional[str] = typer.Option(None, help="Triton model; default: tensorrt_llm_bls when served (stop cancels "
                                                    "on the server there), else ensemble"),
     repo: Optional[Path] = typer.Option(None, help="the served model repository, for the model panel (trtqwen_repo.json)"),
@@ -261,8 +267,8 @@ def ui(
 
 @app.command()
 def smoke(
-    url: str = typer.Option("127.0.0.1:8001", help="Triton gRPC address"),
-    model: str = typer.Option("ensemble", help="ensemble or tensorrt_llm_bls"),
+    url: str = TRITON_URL,
+    model: str = TRITON_MODEL,
     content: bool = typer.Option(True, "--content/--no-content", help="judge answers' wording (off for the tiny random model)"),
 ):
     """Smoke-test a served model: readiness, streaming, CJK, JSON, stop words, 5 concurrent users, bad requests."""
@@ -286,8 +292,8 @@ def smoke(
 
 @app.command()
 def bench(
-    url: str = typer.Option("127.0.0.1:8001", help="Triton gRPC address"),
-    model: str = typer.Option("ensemble", help="ensemble or tensorrt_llm_bls"),
+    url: str = TRITON_URL,
+    model: str = TRITON_MODEL,
     concurrency: str = typer.Option("1,2,4,8,16,32", help="comma-separated concurrency sweep"),
     input_len: int = typer.Option(128, help="prompt length in tokens (exact, with --tokenizer)"),
     output_len: int = typer.Option(64, help="output tokens per request (fixed: min_tokens = max_tokens)"),
@@ -321,7 +327,7 @@ def bench(
 
 @app.command()
 def openai(
-    url: str = typer.Option("127.0.0.1:8001", help="Triton gRPC address"),
+    url: str = TRITON_URL,
     host: str = typer.Option("127.0.0.1", help="address to bind"),
     port: int = typer.Option(9000, help="port for /v1/models, /v1/chat/completions, /v1/completions"),
     model: str = typer.Option("ensemble", help="Triton model to call"),

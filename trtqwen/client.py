@@ -19,10 +19,10 @@ from typing import Iterator
 import numpy as np
 
 from trtqwen.errors import UserError
+from trtqwen.qwen_tokenizer import DEFAULT_SYSTEM
 
 IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 QWEN_END_ID, QWEN_PAD_ID = 151645, 151643
-DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
 # Canonical name → names it has had across tensorrtllm_backend versions (0.x first, 1.x renames after).
 INPUT_ALIASES = {

@@ -39,8 +39,8 @@ DEFAULT_PROMPTS = [
 
 
 @dataclass
-class PromptResult:
-    tokens: int
+class Metrics:
+    """Checkpoint vs reference logits: per prompt, and averaged (min of minimums) over the prompts."""
     cosine_mean: float
     cosine_min: float
     max_abs_error: float
@@ -50,18 +50,17 @@ class PromptResult:
 
 
 @dataclass
-class VerifyReport:
+class PromptResult(Metrics):
+    tokens: int
+
+
+@dataclass
+class VerifyReport(Metrics):
     checkpoint: str
     against: str
     quant_algo: str | None
     kv_cache_quant_algo: str | None
     tp: int
-    cosine_mean: float
-    cosine_min: float
-    max_abs_error: float
-    top1_agreement: float
-    ppl_reference: float
-    ppl_checkpoint: float
     thresholds: dict
     passed: bool
     failures: list[str]

@@ -45,11 +45,15 @@ class Request:
 def length_groups(reqs: list[Request], waste: float = 2.0) -> list[list[Request]]:
     """Prompts of similar length together, so padding to a group's longest at most doubles its work."""
     groups: list[list[Request]] = []
+    real = 0  # prompt tokens in the last group
     for r in sorted(reqs, key=lambda r: len(r.prompt)):
-        if groups and len(r.prompt) * len(groups[-1]) + len(r.prompt) <= waste * (sum(len(x.prompt) for x in groups[-1]) + len(r.prompt)):
+        n = len(r.prompt)  # sorted: the longest so far, so the group pads to it
+        if groups and n * (len(groups[-1]) + 1) <= waste * (real + n):
             groups[-1].append(r)
+            real += n
         else:
             groups.append([r])
+            real = n
     return groups
 
 

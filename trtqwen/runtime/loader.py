@@ -162,16 +162,24 @@ class _Shards:
     def column(self, name: str, split: list[int] | None = None) -> Linear:
         """split: the full model's [q, k, v] sizes of a fused qkv (to merge ranks' [q_r; k_r; v_r])."""
         merge = lambda parts: self._merge_column(parts, split)  # noqa: E731
-        w = merge([dequantize(r, name, self.qa, self.g) for r in self.ranks])
-        b = merge([r[name + ".bias"].float() for r in self.ranks]) if name + ".bias" in self.ranks[0] else None
         int4 = None if name == "lm_head" else self._int4_parts(name, merge)
-        return self._linear(name, w, b, self.ranks[0].get(name + ".prequant_scaling_factor"), int4)
+        b = merge([r[name + ".bias"].float() for r in self.ranks]) if name + ".bias" in self.ranks[0] else None
+        return self._linear(name, self._weight(name, merge, int4), b,
+                            self.ranks[0].get(name + ".prequant_scaling_factor"), int4)
 
     def row(self, name: str) -> Linear:
         merge = lambda parts: torch.cat(parts, dim=1)  # noqa: E731
-        w = merge([dequantize(r, name, self.qa, self.g) for r in self.ranks])
+        int4 = self._int4_parts(name, merge)
         pre = [r.get(name + ".prequant_scaling_factor") for r in self.ranks]
-        return self._linear(name, w, None, torch.cat(pre) if pre[0] is not None else None, self._int4_parts(name, merge))
+        return self._linear(name, self._weight(name, merge, int4), None, torch.cat(pre) if pre[0] is not None else None,
+                            int4)
+
+    def _weight(self, name: str, merge, int4: tuple | None) -> torch.Tensor:
+        """The float weight, from the int4 parts when there are some (unpacked once, not again per rank)."""
+        if int4 is None:
+            return merge([dequantize(r, name, self.qa, self.g) for r in self.ranks])
+        q, scales, group = int4
+        return q.float() * scales.repeat_interleave(group, dim=1)[:, : q.shape[1]]
 
     def _linear(self, name, w, b, pre, int4=None) -> Linear:
         kind, scale = _act(self.ranks[0], name, self.qa)

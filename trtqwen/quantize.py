@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from trtqwen import smoothquant
 from trtqwen.calib import load_calibration_texts
 from trtqwen.errors import UserError
 from trtqwen.spec import BuildSpec, KvDtype, Precision
@@ -179,6 +180,8 @@ def calibrate(model, tokenizer, spec: BuildSpec, cfg: dict, device: str, say: Pr
 
     t0 = time.perf_counter()
     mtq.quantize(model, cfg, forward_loop=forward_loop)
+    if spec.precision is Precision.INT8_SQ:
+        smoothquant.share_smoothing(model, spec.sq_alpha)
     return {"quantize_seconds": round(time.perf_counter() - t0, 2), "calib_samples": len(batches),
             "calib_tokens": tokens}
 
@@ -248,6 +251,8 @@ def _check_exported(exported: dict, spec: BuildSpec) -> None:
     """ModelOpt must report the format spec asked for; anything else would be mislabelled in config.json."""
     q = exported.get("quantization") or {}
     want = spec.quant_algo if spec.precision in CALIBRATED else None
+    if spec.precision is Precision.INT8_SQ:
+        want = smoothquant.MODELOPT_QUANT_ALGO  # rewritten to the per-token layout afterwards
     if q.get("quant_algo") != want:
         raise RuntimeError(f"ModelOpt exported quant_algo {q.get('quant_algo')!r}, expected {want!r}")
     if spec.kv_cache_quant_algo and q.get("kv_cache_quant_algo") != spec.kv_cache_quant_algo:
@@ -274,6 +279,7 @@ def write_checkpoint(model, hf: dict, spec: BuildSpec, out_dir: Path, progress: 
     """
     import torch
     from modelopt.torch.export import export_tensorrt_llm_checkpoint
+    from safetensors.torch import load_file, save_file
 
     say = progress or (lambda msg: None)
     check_shardable(hf, spec)
@@ -296,6 +302,10 @@ def write_checkpoint(model, hf: dict, spec: BuildSpec, out_dir: Path, progress: 
         missing = [f"rank{r}.safetensors" for r in range(spec.tp) if not (tmp / f"rank{r}.safetensors").is_file()]
         if missing:
             raise RuntimeError(f"ModelOpt wrote no {', '.join(missing)}")
+        if spec.precision is Precision.INT8_SQ:
+            for rank in range(spec.tp):
+                f = tmp / f"rank{rank}.safetensors"
+                save_file(smoothquant.to_per_token_layout(load_file(f), hf["num_hidden_layers"]), f)
         _publish(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -38,7 +38,7 @@ class PrecisionInfo:
 PRECISIONS: dict[Precision, PrecisionInfo] = {
     Precision.BF16: PrecisionInfo(16, None, False),
     Precision.FP16: PrecisionInfo(16, None, False),
-    Precision.INT8_SQ: PrecisionInfo(8, "W8A8_SQ_PER_CHANNEL", True),
+    Precision.INT8_SQ: PrecisionInfo(8, "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", True),  # smoothquant.py
     Precision.INT8_WO: PrecisionInfo(8, "W8A16", False),
     Precision.INT4_AWQ: PrecisionInfo(4, "W4A16_AWQ", True, group_size=128),
     Precision.INT4_WO: PrecisionInfo(4, "W4A16", False),

@@ -65,7 +65,7 @@ def quantization_section(spec: BuildSpec, exported: dict | None = None) -> dict:
     if spec.precision in WEIGHT_ONLY:
         algo = WEIGHT_ONLY[spec.precision]
     else:  # bf16 / fp16 are full precision even when only the KV cache is quantized
-        algo = (exported.get("quant_algo") or spec.quant_algo) if calibrated else None
+        algo = spec.quant_algo if calibrated else None  # quantize.py checked what ModelOpt exported
     awq = spec.precision is Precision.INT4_AWQ
     return {
         "quant_algo": algo,

@@ -23,6 +23,7 @@ THRESHOLDS: dict[str | None, tuple[float, float, float]] = {
     None: (0.9999, 0.99, 1.01),  # bf16 / fp16: only the rounding of the export dtype
     "W8A16": (0.998, 0.85, 1.03),
     "W8A8_SQ_PER_CHANNEL": (0.99, 0.70, 1.05),
+    "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN": (0.99, 0.70, 1.05),
     "FP8": (0.98, 0.55, 1.05),
     "W4A16_AWQ": (0.88, 0.15, 1.10),
     "W4A16": (0.85, 0.15, 1.10),

@@ -12,6 +12,12 @@ def fake_quant_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x / scale).round().clamp(-128, 127) * scale
 
 
+def fake_quant_int8_per_token(x: torch.Tensor) -> torch.Tensor:
+    """Each row (token) on its own scale, max|x| / 127, as TensorRT-LLM's quantize_per_token computes it."""
+    scale = (x.abs().amax(dim=-1, keepdim=True).float() / 127).clamp_min(1e-12).to(x.dtype)
+    return (x / scale).round().clamp(-128, 127) * scale
+
+
 def fake_quant_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(x.dtype) * scale
 
@@ -19,7 +25,7 @@ def fake_quant_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 class Linear(torch.nn.Module):
     """y = quant(x · pre_quant_scale) Wᵀ + b, weights already dequantized on load.
 
-    Quantized activations (SmoothQuant INT8, FP8) are emulated with the checkpoint's static scales,
+    Quantized activations (SmoothQuant INT8, FP8) are emulated with the checkpoint's static scales (or per token),
     so the reference computes what the engine's quantized GEMM computes, to rounding.
     """
 
@@ -37,6 +43,8 @@ class Linear(torch.nn.Module):
             x = x * self.pre_quant_scale
         if self.act_quant == "int8":
             x = fake_quant_int8(x, self.act_scale)
+        elif self.act_quant == "int8_token":
+            x = fake_quant_int8_per_token(x)
         elif self.act_quant == "fp8":
             x = fake_quant_fp8(x, self.act_scale)
         return F.linear(x, self.weight, self.bias)

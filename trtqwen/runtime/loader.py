@@ -13,6 +13,9 @@ from trtqwen.runtime.config import ModelConfig
 from trtqwen.runtime.layers import Linear
 from trtqwen.runtime.model import LayerWeights, Qwen2Model
 
+# SmoothQuant with dynamic per-token activation scales (TensorRT-LLM's plugin path; trtqwen/smoothquant.py)
+SQ_PER_TOKEN = ("W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", "W8A8_SQ_PER_TENSOR_PER_TOKEN_PLUGIN")
+
 
 def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
     out = {}
@@ -109,6 +112,8 @@ def dequantize(t: dict[str, torch.Tensor], name: str, quant_algo: str | None, gr
     if quant_algo in ("W4A16_AWQ", "W4A8_AWQ"):  # int4 packed along out: [out/2, in]; scales [out, in/group]
         q = unpack_int4(w, 0).float()
         return q * scale.float().repeat_interleave(group_size, dim=1)[:, : q.shape[1]]
+    if quant_algo in SQ_PER_TOKEN:  # SmoothQuant plugin layout: int8 [out, in], per_channel_scale [1, out]
+        return w.float() * t[name + ".per_channel_scale"].float().view(-1, 1)
     if name + ".per_channel_scale" in t:  # TensorRT-LLM weight-only layout: [in, out(/2)], scale [out]
         q = (unpack_int4(w, 1) if quant_algo == "W4A16" else w).float()
         return (q * t[name + ".per_channel_scale"].float().view(1, -1)).t().contiguous()
@@ -119,6 +124,8 @@ def dequantize(t: dict[str, torch.Tensor], name: str, quant_algo: str | None, gr
 
 def _act(t: dict, name: str, quant_algo: str | None):
     """(activation quantization kind, scale) the engine applies before this GEMM."""
+    if quant_algo in SQ_PER_TOKEN and not name.startswith("lm_head"):
+        return "int8_token", None  # each token's scale is computed at run time
     s = t.get(name + ".activation_scaling_factor")
     if s is None:
         return None, None
@@ -137,6 +144,13 @@ def _rank_files(path: Path, cfg: dict) -> list[Path]:
     if missing:
         raise UserError(f"{path}: missing {', '.join(missing)}", "rebuild the checkpoint with `trtqwen build --force`")
     return files
+
+
+def _pre_quant_scale(t: dict, name: str) -> torch.Tensor | None:
+    """What the engine multiplies this GEMM's input by: AWQ's / ModelOpt's pre-quant scale, or 1 / SmoothQuant's smoother."""
+    if name + ".smoother" in t:
+        return 1.0 / t[name + ".smoother"].float().flatten()
+    return t.get(name + ".prequant_scaling_factor")
 
 
 class _Shards:
@@ -165,12 +179,12 @@ class _Shards:
         int4 = None if name == "lm_head" else self._int4_parts(name, merge)
         b = merge([r[name + ".bias"].float() for r in self.ranks]) if name + ".bias" in self.ranks[0] else None
         return self._linear(name, self._weight(name, merge, int4), b,
-                            self.ranks[0].get(name + ".prequant_scaling_factor"), int4)
+                            _pre_quant_scale(self.ranks[0], name), int4)
 
     def row(self, name: str) -> Linear:
         merge = lambda parts: torch.cat(parts, dim=1)  # noqa: E731
         int4 = self._int4_parts(name, merge)
-        pre = [r.get(name + ".prequant_scaling_factor") for r in self.ranks]
+        pre = [_pre_quant_scale(r, name) for r in self.ranks]
         return self._linear(name, self._weight(name, merge, int4), None, torch.cat(pre) if pre[0] is not None else None,
                             int4)
 

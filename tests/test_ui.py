@@ -283,7 +283,7 @@ def test_history_sent_as_chatml_skips_failed_turns():
 
 def test_precision_names():
     assert precision_name("W4A16_AWQ", "float16") == "int4_awq" and precision_name(None, "bfloat16") == "bf16"
-    assert precision_name("W8A8_SQ_PER_CHANNEL", None) == "int8_sq" and precision_name(None, "float16") == "fp16"
+    assert precision_name("W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", None) == "int8_sq" and precision_name(None, "float16") == "fp16"
 
 
 def test_info_from_server_without_record(served_tiny):

@@ -60,7 +60,8 @@ def swap_q_and_k(d):
 def double_a_scale(d):
     for f in d.glob("rank*.safetensors"):
         t = load_file(f)
-        name = next(k for k in t if k.endswith("layers.0.mlp.proj.weights_scaling_factor"))
+        name = next(k for k in t if k.endswith(("layers.0.mlp.proj.weights_scaling_factor",
+                                                 "layers.0.mlp.proj.per_channel_scale")))
         t[name] = t[name] * 2
         save_file(t, f)
 

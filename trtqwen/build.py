@@ -7,6 +7,7 @@ continues where it stopped and never leaves output that looks finished.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from dataclasses import dataclass
@@ -152,6 +153,27 @@ def run_build(*, model: str, precision="int4_awq", tp=1, gpu="rtx4090d", kv_cach
     return finish(out, manifest, console)
 
 
+@contextlib.contextmanager
+def stage_progress(console: Console):
+    """(say, step) for a long stage: say(msg) prints a line, step(what, done, total) drives a bar with an ETA."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    bars = Progress(TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False)
+    tasks: dict[str, int] = {}
+
+    def say(message: str) -> None:
+        bars.console.print(f"  {message}")
+
+    def step(what: str, done: int, total: int) -> None:
+        if what not in tasks:
+            tasks[what] = bars.add_task(what, total=total)
+        bars.update(tasks[what], completed=done, total=total)
+
+    with bars:
+        yield say, step
+
+
 def checkpoint_stage(spec: BuildSpec, source: hf.HfCheckpoint, out: Path, fmt: str, force: bool, old: dict, console) -> dict:
     key = stage_key(spec.to_dict(), source.fingerprints, fmt)
     prev = old.get("stages", {}).get("checkpoint", {})
@@ -163,13 +185,14 @@ def checkpoint_stage(spec: BuildSpec, source: hf.HfCheckpoint, out: Path, fmt: s
 
     t0 = time.time()
     record: dict = {"key": key, "format": fmt}
-    with console.status(f"[bold]checkpoint[/] quantizing {spec.precision.value} and exporting TP {spec.tp} shards …"):
+    console.print(f"[bold]checkpoint[/] quantizing {spec.precision.value} and exporting TP {spec.tp} shards")
+    with stage_progress(console) as (say, step):
         if fmt in ("trtllm", "both"):
-            info = quantize.export_checkpoint(source.path, spec, out / "checkpoint")
+            info = quantize.export_checkpoint(source.path, spec, out / "checkpoint", say, step)
             record.update(dir="checkpoint", info=info, bytes=dir_size(out / "checkpoint"),
                           files=sorted(p.name for p in (out / "checkpoint").iterdir()))
         if fmt in ("hf", "both"):
-            quantize.export_hf_checkpoint_dir(source.path, spec, out / "hf_checkpoint")
+            quantize.export_hf_checkpoint_dir(source.path, spec, out / "hf_checkpoint", say, step)
             record.update(hf_dir="hf_checkpoint", hf_bytes=dir_size(out / "hf_checkpoint"))
     record["seconds"] = round(time.time() - t0, 2)
     console.print(f"[bold]checkpoint[/] {', '.join(wanted)} written in {record['seconds']:.1f} s")

@@ -26,6 +26,10 @@ from trtqwen.spec import BuildSpec, KvDtype, Precision
 from trtqwen.trtllm_config import CALIBRATED, WEIGHT_ONLY, qwen_checkpoint_config
 
 Progress = Callable[[str], None]
+Step = Callable[[str, int, int], None]  # (what, done, total): drives a progress bar
+CALIB_TOKENS_PER_FORWARD = 2048  # rows of calib_seq_len per forward; activations stay small next to a 7B's weights
+# Calibration time in plain forwards over the set (trained 0.5B, 2 CPU cores; rough, docs/PERFORMANCE.md §6):
+CALIB_COST = {Precision.INT4_AWQ: 30.0, Precision.INT8_SQ: 1.5, Precision.FP8: 1.5}  # AWQ: > 6 min vs 15 s plain, 4k tokens
 AWQ_GROUP_SIZES = (64, 128)  # what TensorRT-LLM's W4A16_AWQ kernels take
 
 
@@ -152,38 +156,73 @@ def load_tokenizer(hf_dir: Path):
 
 
 def calibration_batches(tokenizer, spec: BuildSpec, device: str) -> list:
+    """The calibration samples packed end to end (EOS between them) into rows of calib_seq_len tokens, a few rows
+    per forward: ModelOpt's per-forward work (AWQ fake-quantizes every weight for each of its 11 scale candidates)
+    is paid once per batch, not once per sample — the difference between minutes and an hour on a CPU."""
+    import torch
+
     texts = load_calibration_texts(Path(spec.calib_data) if spec.calib_data else None, spec.calib_size)
-    batches = []
+    sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
+    stream: list[int] = []
     for text in texts:
-        ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=spec.calib_seq_len)["input_ids"]
-        if ids.shape[-1]:
-            batches.append(ids.to(device))
+        stream += tokenizer(text)["input_ids"] + ([sep] if sep is not None else [])
+    length = spec.calib_seq_len
+    rows = [stream[i:i + length] for i in range(0, len(stream), length)]
+    full, tail = [r for r in rows if len(r) == length], [r for r in rows if 2 <= len(r) < length]
+    per_forward = max(1, CALIB_TOKENS_PER_FORWARD // length)
+    batches = [torch.tensor(full[i:i + per_forward]) for i in range(0, len(full), per_forward)]
+    batches += [torch.tensor([r]) for r in tail]
     if not batches:
         raise UserError("the calibration texts tokenize to nothing", "give --calib-data a file with real text")
-    return batches
+    return [b.to(device) for b in batches]
 
 
-def calibrate(model, tokenizer, spec: BuildSpec, cfg: dict, device: str, say: Progress) -> dict:
-    """mtq.quantize over the calibration set, one sample per forward (no padding to mask)."""
+def calibration_eta(model, batches: list, spec: BuildSpec) -> float:
+    """Seconds calibration will take: one timed plain forward, scaled by tokens and by what the algorithm does."""
+    import torch
+
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model(input_ids=batches[0], logits_to_keep=1)
+    per_token = (time.perf_counter() - t0) / batches[0].numel()
+    return per_token * sum(b.numel() for b in batches) * CALIB_COST.get(spec.precision, 1.0)
+
+
+def calibrate(model, tokenizer, spec: BuildSpec, cfg: dict, device: str, say: Progress,
+              step: Step | None = None) -> dict:
+    """mtq.quantize over the packed calibration set; step(pass, done, total) after every forward."""
     import modelopt.torch.quantization as mtq
     import torch
 
     batches = calibration_batches(tokenizer, spec, device)
-    tokens = sum(b.shape[-1] for b in batches)
-    say(f"calibrating {spec.precision.value} (KV {spec.kv_cache_dtype.value}) on {device}: "
-        f"{len(batches)} samples, {tokens} tokens")
+    tokens = sum(b.numel() for b in batches)
+    eta = calibration_eta(model, batches, spec)
+    say(f"calibrating {spec.precision.value} (KV {spec.kv_cache_dtype.value}) on {device}: {spec.calib_size} samples, "
+        f"{tokens} tokens in {len(batches)} forward(s) per pass; about {_duration(eta)}")
+    passes = [0]
 
     def forward_loop(m):
+        passes[0] += 1  # AWQ runs the set twice (statistics, then the scale search); max/SmoothQuant once
         with torch.no_grad():
-            for ids in batches:
-                m(input_ids=ids)
+            for i, ids in enumerate(batches, 1):
+                m(input_ids=ids, logits_to_keep=1)  # lm_head stays 16-bit: its 151,936 logits are not needed
+                if step:
+                    step(f"calibration pass {passes[0]}", i, len(batches))
 
     t0 = time.perf_counter()
     mtq.quantize(model, cfg, forward_loop=forward_loop)
     if spec.precision is Precision.INT8_SQ:
         smoothquant.share_smoothing(model, spec.sq_alpha)
-    return {"quantize_seconds": round(time.perf_counter() - t0, 2), "calib_samples": len(batches),
-            "calib_tokens": tokens}
+    return {"quantize_seconds": round(time.perf_counter() - t0, 2), "calib_samples": _sample_count(spec),
+            "calib_tokens": tokens, "calib_forwards": len(batches), "calib_eta_seconds": round(eta, 1)}
+
+
+def _sample_count(spec: BuildSpec) -> int:
+    return len(load_calibration_texts(Path(spec.calib_data) if spec.calib_data else None, spec.calib_size))
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 # ---------------------------------------------------------------- the export
@@ -260,7 +299,7 @@ def _check_exported(exported: dict, spec: BuildSpec) -> None:
                            f"expected {spec.kv_cache_quant_algo!r}")
 
 
-def quantize_model(model, tokenizer, spec: BuildSpec, progress: Progress | None = None) -> dict:
+def quantize_model(model, tokenizer, spec: BuildSpec, progress: Progress | None = None, step: Step | None = None) -> dict:
     """Calibrate and quantize an in-memory HF Qwen2 in place per spec (nothing to do for bf16/fp16/weight-only)."""
     device = next(model.parameters()).device.type
     info: dict = {"device": device, "quantize_seconds": 0.0, "calib_samples": 0, "calib_tokens": 0}
@@ -268,7 +307,7 @@ def quantize_model(model, tokenizer, spec: BuildSpec, progress: Progress | None 
     if cfg is not None:
         if tokenizer is None:
             raise UserError(f"{spec.precision.value} (KV {spec.kv_cache_dtype.value}) needs calibration and a tokenizer")
-        info.update(calibrate(model, tokenizer, spec, cfg, device, progress or (lambda msg: None)))
+        info.update(calibrate(model, tokenizer, spec, cfg, device, progress or (lambda msg: None), step))
     return info
 
 
@@ -330,10 +369,11 @@ def _peak_memory(device: str) -> dict:
     return peak
 
 
-def export_model(model, hf: dict, tokenizer, spec: BuildSpec, out_dir: Path, progress: Progress | None = None) -> dict:
+def export_model(model, hf: dict, tokenizer, spec: BuildSpec, out_dir: Path, progress: Progress | None = None,
+                 step: Step | None = None) -> dict:
     """Quantize an in-memory HF Qwen2 per spec and write its TensorRT-LLM checkpoint to out_dir."""
     check_shardable(hf, spec)
-    info = quantize_model(model, tokenizer, spec, progress)
+    info = quantize_model(model, tokenizer, spec, progress, step)
     info.update(write_checkpoint(model, hf, spec, out_dir, progress))
     return {**info, **_peak_memory(info["device"])}
 
@@ -347,12 +387,14 @@ def _gpu_memory_is_a_user_error(hf_dir: Path):
     except torch.cuda.OutOfMemoryError as e:
         raise UserError(
             f"the GPU ran out of memory quantizing {hf_dir} ({e})",
-            "a 7B model in bf16 needs more than a 24 GB card for calibration: quantize on a larger GPU, or on the CPU "
-            "with CUDA_VISIBLE_DEVICES= (slower; about 2× the model's size in RAM), then build the engine here",
+            "calibrating a 7B model peaks at about 17 GiB on the GPU (docs/PERFORMANCE.md): free the GPU of other "
+            "processes, lower --calib-size, or quantize on the CPU with CUDA_VISIBLE_DEVICES= (slower; about 2× the "
+            "model's size in RAM), then build the engine here",
         ) from None
 
 
-def export_checkpoint(hf_dir: Path, spec: BuildSpec, out_dir: Path, progress: Progress | None = None) -> dict:
+def export_checkpoint(hf_dir: Path, spec: BuildSpec, out_dir: Path, progress: Progress | None = None,
+                      step: Step | None = None) -> dict:
     """HF dir → TensorRT-LLM checkpoint in out_dir (built in a temporary dir beside it, renamed when complete).
 
     Returns device, quant_algo, kv_cache_quant_algo, files {name: bytes}, load/quantize/export seconds,
@@ -369,11 +411,12 @@ def export_checkpoint(hf_dir: Path, spec: BuildSpec, out_dir: Path, progress: Pr
     with _gpu_memory_is_a_user_error(hf_dir):
         model = load_hf_model(hf_dir, spec, device)
         load_seconds = round(time.perf_counter() - t0, 2)
-        info = export_model(model, hf, tokenizer, spec, Path(out_dir), progress)
+        info = export_model(model, hf, tokenizer, spec, Path(out_dir), progress, step)
     return {"load_seconds": load_seconds, **info}
 
 
-def export_hf_checkpoint_dir(hf_dir: Path, spec: BuildSpec, out_dir: Path, progress: Progress | None = None) -> dict:
+def export_hf_checkpoint_dir(hf_dir: Path, spec: BuildSpec, out_dir: Path, progress: Progress | None = None,
+                             step: Step | None = None) -> dict:
     """ModelOpt's unified HF checkpoint (the input of TensorRT-LLM's PyTorch backend / trtllm-serve / llmapi)."""
     import torch
     from modelopt.torch.export import export_hf_checkpoint
@@ -395,7 +438,7 @@ def export_hf_checkpoint_dir(hf_dir: Path, spec: BuildSpec, out_dir: Path, progr
         with _gpu_memory_is_a_user_error(hf_dir):
             model = load_hf_model(hf_dir, spec, device)
             if cfg is not None:
-                info.update(calibrate(model, tokenizer, spec, cfg, device, say))
+                info.update(calibrate(model, tokenizer, spec, cfg, device, say, step))
             t0 = time.perf_counter()
             export_hf_checkpoint(model.to(getattr(torch, spec.dtype)), dtype=getattr(torch, spec.dtype), export_dir=tmp)
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",

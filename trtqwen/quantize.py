@@ -196,8 +196,8 @@ def calibrate(model, tokenizer, spec: BuildSpec, cfg: dict, device: str, say: Pr
 
     batches = calibration_batches(tokenizer, spec, device)
     tokens = sum(b.numel() for b in batches)
-    eta = calibration_eta(model, batches, spec)
-    say(f"calibrating {spec.precision.value} (KV {spec.kv_cache_dtype.value}) on {device}: {spec.calib_size} samples, "
+    eta, samples = calibration_eta(model, batches, spec), _sample_count(spec)
+    say(f"calibrating {spec.precision.value} (KV {spec.kv_cache_dtype.value}) on {device}: {samples} samples, "
         f"{tokens} tokens in {len(batches)} forward(s) per pass; about {_duration(eta)}")
     passes = [0]
 
@@ -213,7 +213,7 @@ def calibrate(model, tokenizer, spec: BuildSpec, cfg: dict, device: str, say: Pr
     mtq.quantize(model, cfg, forward_loop=forward_loop)
     if spec.precision is Precision.INT8_SQ:
         smoothquant.share_smoothing(model, spec.sq_alpha)
-    return {"quantize_seconds": round(time.perf_counter() - t0, 2), "calib_samples": _sample_count(spec),
+    return {"quantize_seconds": round(time.perf_counter() - t0, 2), "calib_samples": samples,
             "calib_tokens": tokens, "calib_forwards": len(batches), "calib_eta_seconds": round(eta, 1)}
 
 

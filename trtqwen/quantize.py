@@ -156,7 +156,7 @@ def load_tokenizer(hf_dir: Path):
 
 
 def calibration_batches(tokenizer, spec: BuildSpec, device: str) -> list:
-    """The calibration samples packed end to end (EOS between them) into rows of calib_seq_len tokens, a few rows
+    """The calibration samples, each cut to calib_seq_len tokens, packed end to end (EOS between them) into rows of calib_seq_len tokens, a few rows
     per forward: ModelOpt's per-forward work (AWQ fake-quantizes every weight for each of its 11 scale candidates)
     is paid once per batch, not once per sample — the difference between minutes and an hour on a CPU."""
     import torch
@@ -165,7 +165,8 @@ def calibration_batches(tokenizer, spec: BuildSpec, device: str) -> list:
     sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
     stream: list[int] = []
     for text in texts:
-        stream += tokenizer(text)["input_ids"] + ([sep] if sep is not None else [])
+        ids = tokenizer(text, truncation=True, max_length=spec.calib_seq_len)["input_ids"]  # as TensorRT-LLM's calib_max_seq_length
+        stream += ids + ([sep] if sep is not None else [])
     length = spec.calib_seq_len
     rows = [stream[i:i + length] for i in range(0, len(stream), length)]
     full, tail = [r for r in rows if len(r) == length], [r for r in rows if 2 <= len(r) < length]

@@ -6,6 +6,20 @@ PY := $(VENV)/bin/python
 TRTQWEN := $(VENV)/bin/trtqwen
 STAMP := $(VENV)/.installed
 TINY := engines/tiny-qwen2
+# `make demo MODEL=real`: the trained Qwen2.5-Coder-0.5B-Instruct (tests/real_model.py) instead of the tiny random model
+MODEL ?= tiny
+REAL := $(or $(TRTQWEN_REAL_CACHE),$(HOME)/.cache/trtqwen/real)/qwen2.5-coder-0.5b-instruct
+ifeq ($(MODEL),real)
+SOURCE := $(REAL)
+MAKE_SOURCE := $(PY) tests/real_model.py
+CALIB := --calib-size $(or $(CALIB_SIZE),8)
+SMOKE := --content --no-targets
+else
+SOURCE := $(TINY)
+MAKE_SOURCE := $(TRTQWEN) tiny --out $(TINY)
+CALIB :=
+SMOKE := --no-content
+endif
 export HF_HUB_DISABLE_TELEMETRY := 1
 export GRADIO_ANALYTICS_ENABLED := False
 
@@ -14,6 +28,7 @@ export GRADIO_ANALYTICS_ENABLED := False
 help:
 	@echo "make install  - .venv with everything trtqwen needs (CPU machine; see README for a 4090D box)"
 	@echo "make demo     - tiny Qwen2 → plan → build (INT4-AWQ checkpoint + build.sh) → verify → package → serve → smoke"
+	@echo "make demo MODEL=real - the same on the trained Qwen2.5-Coder-0.5B (answers judged, real answers in make ui)"
 	@echo "make test     - the whole test suite"
 	@echo "make test-real - the trained-model tests (makes the trained 0.5B Qwen2.5 once)"
 	@echo "make ui       - the web demo on http://127.0.0.1:7860, streaming from the server at 127.0.0.1:8001"
@@ -38,22 +53,22 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[all]"
 	touch $(STAMP)
 
-BUILD := engines/tiny-qwen2-int4_awq-tp1
+BUILD := engines/$(notdir $(SOURCE))-int4_awq-tp1
 
 REPO := model_repo
 
 demo: install
 	$(TRTQWEN) doctor
-	$(TRTQWEN) tiny --out $(TINY)
+	$(MAKE_SOURCE)
 	$(TRTQWEN) plan --precision int4 --gpu rtx4090d
-	$(TRTQWEN) build --model $(TINY) --precision int4 --tp 1 --out $(BUILD)
+	$(TRTQWEN) build --model $(SOURCE) --precision int4 --tp 1 --out $(BUILD) $(CALIB)
 	$(TRTQWEN) verify $(BUILD)/checkpoint
 	$(TRTQWEN) package $(BUILD) --out $(REPO) --runtime torch --force
 	-$(TRTQWEN) serve $(REPO) --stop
 	$(TRTQWEN) serve $(REPO) --background
-	$(TRTQWEN) smoke --url 127.0.0.1:8001 --no-content
+	$(TRTQWEN) smoke --url 127.0.0.1:8001 $(SMOKE)
 	@echo
-	@echo "The tiny model is served at 127.0.0.1:8000 (HTTP) / 127.0.0.1:8001 (gRPC)."
+	@echo "The $(MODEL) model is served at 127.0.0.1:8000 (HTTP) / 127.0.0.1:8001 (gRPC)."
 	@echo "  chat in the terminal:  $(TRTQWEN) chat --url 127.0.0.1:8001"
 	@echo "  stop the server:       $(TRTQWEN) serve $(REPO) --stop"
 	@echo "  web demo:              make ui   (then open http://127.0.0.1:7860)"

@@ -1,5 +1,6 @@
 import contextlib
 import os
+import socket
 
 # No test may reach a hub or phone home: everything they need is made locally.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -61,12 +62,45 @@ def served_tiny(tiny_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("served")
     run_build(model=str(tiny_dir), precision="bf16", out=root / "build", until="checkpoint")
     repo = generate_repo(root / "build", root / "repo", runtime="torch")
-    base = 18700
-    server.start(repo, ["ensemble", "tensorrt_llm_bls"], "127.0.0.1", base, base + 1, base + 2, timeout=180)
+    http, grpc, metrics = free_ports(3)
+    server.start(repo, ["ensemble", "tensorrt_llm_bls"], "127.0.0.1", http, grpc, metrics, timeout=180)
     try:
-        yield f"127.0.0.1:{base + 1}", f"127.0.0.1:{base}", repo
+        yield f"127.0.0.1:{grpc}", f"127.0.0.1:{http}", repo
     finally:
         server.stop(repo)
+
+
+def free_ports(n: int) -> list[int]:
+    """n ports the OS has free now (asked for together, so distinct): suites running side by side never collide."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@contextlib.contextmanager
+def serve_app(app):
+    """An ASGI app (the OpenAI proxy) under uvicorn in a thread on a free port; yields the port, stops on exit."""
+    import threading
+    import time
+
+    import uvicorn
+
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_ports(1)[0], log_level="warning"))
+    th = threading.Thread(target=srv.run, daemon=True)
+    th.start()
+    deadline = time.time() + 20
+    while not srv.started:
+        assert th.is_alive() and time.time() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield srv.config.port
+    finally:
+        srv.should_exit = True
+        th.join(10)
 
 
 @contextlib.contextmanager

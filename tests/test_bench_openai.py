@@ -2,37 +2,17 @@
 
 import io
 import json
-import socket
 import struct
-import threading
 import time
 
 import pytest
+from conftest import free_ports, serve_app
 
 from trtqwen.errors import UserError
 
 pytestmark = pytest.mark.slow
 
-PORT_RANGE = range(19200, 19990, 10)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
-def free_block(n: int) -> list[int]:
-    """n consecutive free ports in our range (19000–19999)."""
-    for base in PORT_RANGE:
-        ports = list(range(base, base + n))
-        if all(_free(p) for p in ports):
-            return ports
-    pytest.fail("no free block of ports in 19200–19999: something else holds them")
 
 
 class Served:
@@ -56,7 +36,7 @@ def served(tiny_dir, tmp_path_factory):
     build = root / "build"
     run_build(model=str(tiny_dir), precision="bf16", out=build, until="checkpoint", console=Console(file=io.StringIO()))
     repo = generate_repo(build, root / "repo", runtime="torch")
-    ports = free_block(3)
+    ports = free_ports(3)
     try:
         server.serve_repo(repo, "127.0.0.1", ports[0], ports[1], ports[2], None, 120)
         yield Served(build, repo, ports)
@@ -151,30 +131,12 @@ def test_memory_metric_parsing():
 
 
 # --- OpenAI-compatible proxy ----------------------------------------------------------------------------------------
-def _uvicorn(app):
-    import uvicorn
-
-    port = free_block(1)[0]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    deadline = time.time() + 20
-    while not srv.started:
-        assert th.is_alive() and time.time() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    return srv, th, port
-
-
 @pytest.fixture(scope="module")
 def proxy(served):
     from trtqwen.openai_proxy import make_app
 
-    srv, th, port = _uvicorn(make_app(served.url, tokenizer_dir=served.tokenizer))
-    try:
+    with serve_app(make_app(served.url, tokenizer_dir=served.tokenizer)) as port:
         yield port
-    finally:
-        srv.should_exit = True
-        th.join(10)
 
 
 @pytest.fixture
@@ -235,12 +197,8 @@ def test_openai_triton_down_is_503():
 
     from trtqwen.openai_proxy import make_app
 
-    srv, th, port = _uvicorn(make_app("127.0.0.1:19999"))
-    try:
+    with serve_app(make_app(f"127.0.0.1:{free_ports(1)[0]}")) as port:  # no Triton there
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=30)
         with pytest.raises(openai.APIStatusError) as e:
             c.completions.create(model="qwen2.5", prompt="x", max_tokens=2)
         assert e.value.status_code == 503 and e.value.body["code"] == "service_unavailable"
-    finally:
-        srv.should_exit = True
-        th.join(10)

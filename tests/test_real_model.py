@@ -60,3 +60,65 @@ def test_static_activation_scales_are_what_broke_it(built, real_dir, monkeypatch
     monkeypatch.setattr(layers, "fake_quant_int8_per_token", per_tensor)
     r = verify(ck, real_dir)
     assert static and r.ppl_checkpoint / r.ppl_reference > 1.1
+
+
+# --- the trained model served: a real tritonserver (CPU), the ensemble and the OpenAI proxy -----------------------
+ARITHMETIC = [{"role": "user", "content": "What is 17 + 25? Answer with the number only."}]
+CHINESE = [{"role": "user", "content": "用一句话介绍北京。"}]
+
+
+def han(text: str) -> int:
+    return sum(0x4E00 <= ord(c) <= 0x9FFF for c in text)
+
+
+@pytest.fixture(scope="module")
+def served_real(built, tmp_path_factory):
+    from conftest import free_ports
+
+    from trtqwen import server
+    from trtqwen.repo import generate_repo
+
+    build = built("bf16").parent
+    repo = generate_repo(build, tmp_path_factory.mktemp("real-served") / "repo", runtime="torch")
+    http, grpc, metrics = free_ports(3)
+    server.start(repo, ["ensemble", "tensorrt_llm_bls"], "127.0.0.1", http, grpc, metrics, timeout=600)
+    try:
+        yield f"127.0.0.1:{grpc}", build / "tokenizer"
+    finally:
+        server.stop(repo)
+
+
+def test_served_trained_model_answers_through_the_ensemble(served_real):
+    from trtqwen.client import GenerationParams, TritonLLMClient, chatml
+
+    client = TritonLLMClient(served_real[0])
+    greedy = GenerationParams(max_tokens=48, top_k=1)
+    assert client.generate(chatml(ARITHMETIC), greedy).text.strip() == "42"
+    zh = client.generate(chatml(CHINESE), greedy).text
+    assert han(zh) >= 5 and "北京" in zh and "\ufffd" not in zh, zh
+
+
+def test_served_trained_model_answers_through_openai(served_real):
+    import openai
+    from conftest import serve_app
+
+    from trtqwen.openai_proxy import make_app
+
+    with serve_app(make_app(served_real[0], tokenizer_dir=served_real[1])) as port:
+        oai = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=120)
+        r = oai.chat.completions.create(model="qwen2.5", messages=ARITHMETIC, max_tokens=16, temperature=0)
+        assert r.choices[0].message.content.strip() == "42" and r.choices[0].finish_reason == "stop"
+        stream = oai.chat.completions.create(model="qwen2.5", messages=CHINESE, max_tokens=48, temperature=0,
+                                             stream=True)
+        zh = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert han(zh) >= 5 and "\ufffd" not in zh, zh
+
+
+def test_smoke_judges_the_trained_models_answers(served_real):
+    """Every wording check of `trtqwen smoke` (English, Chinese, Japanese scripts, JSON, 42) on trained answers."""
+    from trtqwen.smoke import run_smoke
+
+    checks = {c.name: c for c in run_smoke(served_real[0], content=True, targets=False)}
+    failed = [f"{c.name}: {c.detail}" for c in checks.values() if not c.passed]
+    assert not failed, failed
+    assert {"English", "Chinese", "Japanese", "JSON output", "arithmetic"} <= set(checks)

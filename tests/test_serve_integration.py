@@ -11,7 +11,6 @@ Everything else generates whatever the random weights give.
 import json
 import queue
 import shutil
-import socket
 import threading
 import time
 import urllib.error
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import started_together
+from conftest import free_ports, started_together
 
 from trtqwen import server
 from trtqwen.repo import generate_repo
@@ -90,16 +89,6 @@ def make_scripted_build(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def build_dir(tmp_path_factory):
     return make_scripted_build(tmp_path_factory.mktemp("serve"))
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 class Served:

@@ -27,7 +27,8 @@ def checks(target):
 
 
 @pytest.mark.parametrize("name", ["server and model ready", "one answer", "streaming", "English", "Chinese", "Japanese",
-                                  "JSON output", "stop words", "max_tokens honoured", "5 concurrent users", "bad requests"])
+                                  "JSON output", "arithmetic", "stop words", "max_tokens honoured", "5 concurrent users",
+                                  "bad requests"])
 def test_check(checks, name):
     assert checks[name].passed, checks[name].detail
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from trtqwen.cli import app
 from trtqwen.errors import UserError
 from trtqwen.runtime import LLMEngine, SamplingParams, load_model
-from trtqwen.verify import THRESHOLDS, verify
+from trtqwen.verify import TABLES, verify
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
@@ -25,6 +25,7 @@ def test_bf16_checkpoint_matches_hf_logits_at_every_tp(exported, tiny_tp_dir, tp
 def test_quantized_checkpoints_within_thresholds(exported, tiny_tp_dir, precision, tp):
     r = verify(exported(precision, tp), tiny_tp_dir)
     assert r.passed, r.failures
+    assert r.thresholds["table"] == "random-weights" and r.ppl_reference > 1000  # "auto" saw flat logits
     if precision != "fp16":
         assert r.cosine_mean < 0.99999  # quantization really happened (and is emulated)
 
@@ -92,6 +93,14 @@ def test_cli_exit_codes(exported, tiny_tp_dir, tmp_path):
     assert r.exit_code == 1 and json.loads(r.output)["passed"] is False
 
 
+def test_trained_thresholds_are_the_stricter_table(exported, tiny_tp_dir):
+    """Forcing the trained-weights table on a random tiny AWQ export fails it: top-1 among near-ties is a toss-up."""
+    r = verify(exported("int4_awq", 1), tiny_tp_dir, thresholds="trained")
+    assert r.thresholds["table"] == "trained" and not r.passed and any("top-1" in f for f in r.failures)
+    with pytest.raises(UserError, match="threshold table"):
+        verify(exported("bf16", 1), tiny_tp_dir, thresholds="strict")
+
+
 def test_bad_checkpoints(exported, tmp_path):
     src = exported("bf16", 2)
     missing = corrupt(src, tmp_path / "missing", lambda d: (d / "rank1.safetensors").unlink())
@@ -147,4 +156,6 @@ def test_thresholds_cover_every_precision():
     from trtqwen.trtllm_config import WEIGHT_ONLY
 
     algos = {info.quant_algo for p, info in PRECISIONS.items() if p not in WEIGHT_ONLY} | set(WEIGHT_ONLY.values())
-    assert algos <= set(THRESHOLDS)
+    assert all(algos <= set(table) for table in TABLES.values())
+    for algo, (cos, top1, _) in TABLES["trained"].items():  # peaked trained logits: top-1 and cosine hold better
+        assert cos >= TABLES["random-weights"][algo][0] and top1 >= TABLES["random-weights"][algo][1], algo

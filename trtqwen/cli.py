@@ -270,12 +270,14 @@ def smoke(
     url: str = TRITON_URL,
     model: str = TRITON_MODEL,
     content: bool = typer.Option(True, "--content/--no-content", help="judge answers' wording (off for the tiny random model)"),
+    targets: bool = typer.Option(True, "--targets/--no-targets", help="judge 5 users' speed against the GPU targets "
+                                                                      "(off for the reference runtime on a CPU)"),
 ):
     """Smoke-test a served model: readiness, streaming, CJK, JSON, stop words, 5 concurrent users, bad requests."""
     from trtqwen.smoke import run_smoke
 
     try:
-        checks = run_smoke(url, model, content)
+        checks = run_smoke(url, model, content, targets)
     except UserError as e:
         fail(e)
     t = Table(title=f"smoke: {model} at {url}" + ("" if content else " — mechanics only (tiny/random model: wording not judged)"))
@@ -347,20 +349,23 @@ def verify(
     against: Optional[Path] = typer.Option(None, help="HF model dir to compare with (default: the build's source)"),
     prompts: Optional[Path] = typer.Option(None, help="prompts file: one per line, or .jsonl with 'text' (default: built-in mix)"),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda if available)"),
+    thresholds: str = typer.Option("auto", help="trained, random-weights, or auto (random-weights when the reference "
+                                                "reads the prompts at perplexity > 1000)"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ):
     """Compare a TensorRT-LLM checkpoint with its HF source: logits cosine, max error, top-1 agreement, perplexity."""
     from trtqwen.verify import verify as run_verify
 
     try:
-        report = run_verify(checkpoint, against, prompts, device)
+        report = run_verify(checkpoint, against, prompts, device, thresholds)
     except UserError as e:
         fail(e)
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
         lim = report.thresholds
-        t = Table(title=f"verify {report.checkpoint} ({report.quant_algo or 'unquantized'}, TP {report.tp})")
+        t = Table(title=f"verify {report.checkpoint} ({report.quant_algo or 'unquantized'}, TP {report.tp}; "
+                        f"{lim['table']} thresholds)")
         for c in ("metric", "value", "threshold"):
             t.add_column(c)
         t.add_row("logits cosine (mean)", f"{report.cosine_mean:.6f}", f"≥ {lim['cosine_mean']}")

@@ -12,12 +12,10 @@ REAL := $(or $(TRTQWEN_REAL_CACHE),$(HOME)/.cache/trtqwen/real)/qwen2.5-coder-0.
 ifeq ($(MODEL),real)
 SOURCE := $(REAL)
 MAKE_SOURCE := $(PY) tests/real_model.py
-CALIB := --calib-size $(or $(CALIB_SIZE),8)
 SMOKE := --content --no-targets
 else
 SOURCE := $(TINY)
 MAKE_SOURCE := $(TRTQWEN) tiny --out $(TINY)
-CALIB :=
 SMOKE := --no-content
 endif
 export HF_HUB_DISABLE_TELEMETRY := 1
@@ -61,7 +59,7 @@ demo: install
 	$(TRTQWEN) doctor
 	$(MAKE_SOURCE)
 	$(TRTQWEN) plan --precision int4 --gpu rtx4090d
-	$(TRTQWEN) build --model $(SOURCE) --precision int4 --tp 1 --out $(BUILD) $(CALIB)
+	$(TRTQWEN) build --model $(SOURCE) --precision int4 --tp 1 --out $(BUILD)
 	$(TRTQWEN) verify $(BUILD)/checkpoint
 	$(TRTQWEN) package $(BUILD) --out $(REPO) --runtime torch --force
 	-$(TRTQWEN) serve $(REPO) --stop

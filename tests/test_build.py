@@ -30,6 +30,7 @@ def test_build_writes_checkpoint_tokenizer_script_and_manifest(built, tiny_dir):
     assert m["spec"]["precision"] == "int4_awq" and m["spec"]["tp"] == 1
     assert m["spec"]["max_seq_len"] == 4096 and m["spec"]["max_input_len"] == 2048  # defaults from the plan
     assert 1 <= m["spec"]["max_batch_size"] <= 64
+    assert m["spec"]["calib_size"] == 16  # AWQ's CPU default (no GPU here); 32 on a GPU and for the other recipes
     assert m["source"]["files"]["model.safetensors"] and m["versions"]["nvidia-modelopt"].startswith("0.37")
     ck = m["stages"]["checkpoint"]
     assert ck["files"] == ["config.json", "rank0.safetensors"] and ck["bytes"] > 0 and ck["seconds"] > 0

@@ -22,12 +22,12 @@ def real_dir():
 def built(real_dir, tmp_path_factory):
     root, cache = tmp_path_factory.mktemp("real-builds"), {}
 
-    def build(precision: str, tp: int = 1):
-        if (precision, tp) not in cache:
-            out = root / f"{precision}-tp{tp}"
-            run_build(model=str(real_dir), precision=precision, tp=tp, out=out, until="checkpoint")
-            cache[precision, tp] = out / "checkpoint"
-        return cache[precision, tp]
+    def build(precision: str, tp: int = 1, kv: str = "auto"):
+        if (precision, tp, kv) not in cache:
+            out = root / f"{precision}-tp{tp}-kv{kv}"
+            run_build(model=str(real_dir), precision=precision, tp=tp, kv_cache_dtype=kv, out=out, until="checkpoint")
+            cache[precision, tp, kv] = out / "checkpoint"
+        return cache[precision, tp, kv]
 
     return build
 
@@ -42,6 +42,29 @@ def test_int8_smoothquant_per_token_keeps_perplexity(built, real_dir):
     r = verify(built("int8_sq"), real_dir)
     assert r.quant_algo == "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN"
     assert r.passed and r.ppl_checkpoint / r.ppl_reference < 1.03 and r.cosine_min > 0.9, r.failures
+
+
+@pytest.mark.parametrize("precision", ["int8_wo", "fp8", "int4_awq"])
+def test_other_recipes_pass_the_trained_thresholds(built, real_dir, precision):
+    r = verify(built(precision), real_dir)
+    assert r.thresholds["table"] == "trained" and r.passed, r.failures
+
+
+@pytest.mark.parametrize("precision,kv", [("int4_wo", "auto"), ("bf16", "int8")])
+def test_recipes_that_break_qwen25_fail_verify(built, real_dir, precision, kv):
+    """Per-channel INT4 (+37 % measured) and an INT8 KV cache (one scale for K near 150 and V below 0.2) are caught."""
+    r = verify(built(precision, kv=kv), real_dir)
+    assert not r.passed and r.ppl_checkpoint / r.ppl_reference > 1.2
+
+
+@pytest.mark.parametrize("precision,tp,plant", [("bf16", 1, "swap_q_and_k"), ("int8_sq", 1, "double_a_scale"),
+                                                 ("int4_awq", 1, "double_a_scale"), ("bf16", 2, "swap_shards")])
+def test_planted_corruptions_fail_on_trained_weights(built, real_dir, tmp_path, precision, tp, plant):
+    import test_verify
+
+    bad = test_verify.corrupt(built(precision, tp), tmp_path / "bad", getattr(test_verify, plant))
+    r = verify(bad, real_dir)
+    assert not r.passed and r.failures
 
 
 def test_static_activation_scales_are_what_broke_it(built, real_dir, monkeypatch):

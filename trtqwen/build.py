@@ -20,7 +20,7 @@ from trtqwen.errors import UserError
 from trtqwen.hardware import get_profile
 from trtqwen.manifest import MANIFEST, dir_size, read_manifest, replace_dir, stage_key, tool_versions, write_json_atomic
 from trtqwen.plan import ModelDims, make_plan, recommended_max_batch_size, weight_bytes
-from trtqwen.spec import BuildSpec, default_output_dir, parse_kv_dtype, parse_precision
+from trtqwen.spec import BuildSpec, KvDtype, Precision, default_output_dir, parse_kv_dtype, parse_precision
 
 STAGES = ("fetch", "checkpoint", "engine")
 FORMATS = ("trtllm", "hf", "both")
@@ -56,9 +56,17 @@ def decide_spec(model: str, dims: ModelDims, precision, tp, gpu, kv_cache_dtype,
     spec = BuildSpec(
         model=model, precision=precision, tp=tp, gpu=profile.name, kv_cache_dtype=kv, max_batch_size=batch,
         max_input_len=max_input_len or max(1, seq // 2), max_seq_len=seq, max_num_tokens=num_tokens,
-        calib_size=calib_size, calib_data=str(calib_data) if calib_data else None,
+        calib_size=calib_size or default_calib_size(precision), calib_data=str(calib_data) if calib_data else None,
     )
     return spec, plan
+
+
+def default_calib_size(precision: Precision) -> int:
+    """32 samples; AWQ on a CPU 16: on the trained 0.5B as good as 32 (+7.5 % vs +7.4 % perplexity) in half the
+    search time (docs/PERFORMANCE.md §6), and a 7B's search on a CPU takes ~15× a 0.5B's."""
+    from trtqwen.quantize import pick_device
+
+    return 16 if precision is Precision.INT4_AWQ and pick_device() == "cpu" else 32
 
 
 def check_output_dir(out: Path, force: bool) -> None:
@@ -92,8 +100,20 @@ def copy_tokenizer(src: Path, out: Path) -> Path:
     return dst
 
 
+def lossy_on_qwen25(spec: BuildSpec) -> list[str]:
+    """Recipes that build and run but measured far worse on the trained Qwen2.5 (docs/PERFORMANCE.md §6)."""
+    found = []
+    if spec.precision is Precision.INT4_WO:
+        found.append("int4_wo (per-channel INT4, no groups) cost +37 % perplexity on a trained Qwen2.5; "
+                     "int4_awq costs a fraction of that at the same size")
+    if spec.kv_cache_dtype is KvDtype.INT8:
+        found.append("an INT8 KV cache shares one scale between K and V: Qwen2.5's first layers have K near 150 and V "
+                     "below 0.2, so V rounds to zero (perplexity ×42 measured); use --kv-cache-dtype fp8 on Ada")
+    return found
+
+
 def run_build(*, model: str, precision="int4_awq", tp=1, gpu="rtx4090d", kv_cache_dtype="auto", max_batch_size=None,
-              max_input_len=None, max_seq_len=None, max_num_tokens=None, calib_data=None, calib_size=32, out=None,
+              max_input_len=None, max_seq_len=None, max_num_tokens=None, calib_data=None, calib_size=None, out=None,
               until="engine", fmt="trtllm", force=False, console: Console | None = None) -> BuildResult:
     console = console or Console()
     if until not in STAGES:
@@ -115,6 +135,8 @@ def run_build(*, model: str, precision="int4_awq", tp=1, gpu="rtx4090d", kv_cach
         dims = ModelDims.from_config_file(hf.fetch(model)[0])
     spec, plan = decide_spec(model, dims, precision, tp, gpu, kv_cache_dtype, max_batch_size, max_input_len,
                              max_seq_len, max_num_tokens, calib_data, calib_size)
+    for warning in lossy_on_qwen25(spec):
+        console.print(f"[yellow]warning:[/] {warning}")
     out = Path(out) if out else default_output_dir(spec)
     check_output_dir(out, force)
     ckpt_bytes = weight_bytes(dims, spec.precision) * (2 if fmt == "both" else 1)

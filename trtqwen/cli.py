@@ -98,7 +98,7 @@ def build(
     max_seq_len: Optional[int] = typer.Option(None, help="default: 4096 (or the model's positions if fewer)"),
     max_num_tokens: Optional[int] = typer.Option(None, help="default: 8192"),
     calib_data: Optional[Path] = typer.Option(None, help="calibration texts (.jsonl with 'text' or .txt blocks); default: bundled set"),
-    calib_size: int = typer.Option(32, help="number of calibration samples"),
+    calib_size: Optional[int] = typer.Option(None, help="calibration samples (default 32; int4_awq on a CPU 16)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="output directory (default engines/<name>-<precision>-tp<N>)"),
     until: str = typer.Option("engine", help="stop after: fetch, checkpoint or engine"),
     fmt: str = typer.Option("trtllm", "--format", help="checkpoint format: trtllm, hf (ModelOpt unified, for llmapi) or both"),

@@ -20,6 +20,7 @@ import numpy as np
 
 from trtqwen.errors import UserError
 from trtqwen.qwen_tokenizer import DEFAULT_SYSTEM
+from trtqwen.repo.text import BAD_REQUEST
 
 IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 QWEN_END_ID, QWEN_PAD_ID = 151645, 151643
@@ -45,6 +46,17 @@ def chatml(messages: list[dict], system: str | None = DEFAULT_SYSTEM, add_genera
         msgs.insert(0, {"role": "system", "content": system})
     text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in msgs)
     return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
+
+
+class RequestRejected(UserError):
+    """The server refused the request as invalid (a field out of range, a prompt too long): the caller's mistake."""
+
+
+def server_error(message: str) -> UserError:
+    """A Triton error as ours: the models start client mistakes with BAD_REQUEST (gRPC streams carry no status)."""
+    if BAD_REQUEST in message:
+        return RequestRejected(message[message.index(BAD_REQUEST) + len(BAD_REQUEST):])
+    return UserError(f"server error: {message}")
 
 
 @dataclass
@@ -179,7 +191,7 @@ class TritonLLMClient:
                 except queue.Empty:
                     continue
                 if error is not None:
-                    raise UserError(f"server error: {error.message() if hasattr(error, 'message') else error}")
+                    raise server_error(error.message() if hasattr(error, "message") else str(error))
                 resp = result.get_response()
                 final = resp.parameters.get("triton_final_response")
                 out = result.as_numpy("text_output")
@@ -235,7 +247,7 @@ def http_generate_stream(http_url: str, model: str, prompt: str, params: Generat
                     continue
                 event = json.loads(line[5:])
                 if "error" in event:
-                    raise UserError(f"server error: {event['error']}")
+                    raise server_error(str(event["error"]))
                 yield event.get("text_output", "")
     except urllib.error.HTTPError as e:
         raise UserError(f"server error {e.code}: {e.read().decode(errors='replace')}") from None

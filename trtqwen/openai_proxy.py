@@ -183,6 +183,9 @@ def make_app(triton_url: str, model: str = "ensemble", served_model_name: str = 
         name = body.get("model")
         if name is not None and not isinstance(name, str):
             raise _bad("'model' must be a string", "model")
+        if name not in (None, served_model_name):  # as OpenAI and vLLM answer: never echo a model we do not serve
+            raise APIError(404, f"The model '{name}' does not exist; this server serves '{served_model_name}'",
+                           "invalid_request_error", "model", "model_not_found")
 
     @app.exception_handler(APIError)
     async def api_error(_request, exc: APIError):
@@ -247,12 +250,12 @@ def make_app(triton_url: str, model: str = "ensemble", served_model_name: str = 
         else:
             choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": body.get("model") or served_model_name, "choices": [choice], "usage": usage(prompt, timing)}
+                "model": served_model_name, "choices": [choice], "usage": usage(prompt, timing)}
 
     def sse(prompt, params, stops, chat: bool, body: dict):
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         obj = "chat.completion.chunk" if chat else "text_completion"
-        name = body.get("model") or served_model_name
+        name = served_model_name
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         cancel = threading.Event()
         client()  # fail with a 503 before the stream starts if Triton is down

@@ -124,7 +124,7 @@ def validate_combination(dims: ModelDims, gpu: GpuProfile, precision: Precision,
     if (PRECISIONS[precision].needs_fp8_hardware or kv is KvDtype.FP8) and not gpu.has_fp8:
         raise UserError(
             f"FP8 needs an Ada (sm_89) or Hopper GPU; {gpu.name} (sm_{gpu.compute_capability.replace('.', '')}) has none",
-            "use int8_sq or int4_awq, and --kv-cache-dtype int8",
+            "use int8_sq or int4_awq with the default 16-bit KV cache (an INT8 KV cache breaks Qwen2.5: README)",
         )
     if max_seq_len > dims.max_position_embeddings:
         raise UserError(

@@ -29,7 +29,8 @@ Progress = Callable[[str], None]
 Step = Callable[[str, int, int], None]  # (what, done, total): drives a progress bar
 CALIB_TOKENS_PER_FORWARD = 2048  # rows of calib_seq_len per forward; activations stay small next to a 7B's weights
 # Calibration time in plain forwards over the set (trained 0.5B, 2 CPU cores; rough, docs/PERFORMANCE.md §6):
-CALIB_COST = {Precision.INT4_AWQ: 30.0, Precision.INT8_SQ: 1.5, Precision.FP8: 1.5}  # AWQ: > 6 min vs 15 s plain, 4k tokens
+# × a plain forward's time; AWQ's search runs every linear at 11 scales: 167 s vs ~10 s plain for 4k tokens (2 cores)
+CALIB_COST = {Precision.INT4_AWQ: 17.0, Precision.INT8_SQ: 1.5, Precision.FP8: 1.5}
 AWQ_GROUP_SIZES = (64, 128)  # what TensorRT-LLM's W4A16_AWQ kernels take
 
 

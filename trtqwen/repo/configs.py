@@ -54,7 +54,7 @@ def preprocessing_config(s: RepoSettings) -> mc.ModelConfig:
     c = _base(itf.PREPROCESSING, s, itf.PREPROCESSING_INPUTS, itf.PREPROCESSING_OUTPUTS)
     c.dynamic_batching.SetInParent()
     return _params(c, {"tokenizer_dir": s.tokenizer_dir, "add_special_tokens": _b(s.add_special_tokens),
-                       "end_id": s.end_id, "pad_id": s.pad_id})
+                       "end_id": s.end_id, "pad_id": s.pad_id, "max_input_len": s.max_input_len})
 
 
 def postprocessing_config(s: RepoSettings) -> mc.ModelConfig:

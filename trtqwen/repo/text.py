@@ -10,12 +10,51 @@ characters are 3 bytes, often split over two tokens), and decoding it alone give
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import numpy as np
 
 REPLACEMENT = "\ufffd"
 TRUE_STRINGS = ("true", "1", "t", "y", "yes", "on")
+BAD_REQUEST = "bad request: "  # starts every error that is the client's mistake: clients answer it with a 400
+
+# TensorRT-LLM's SamplingConfig checks (cpp/tensorrt_llm/executor/samplingConfig.cpp), by the tensorrt_llm input
+# that carries each value; NaN fails every one of them there, and here. top_p 0 is upstream clients' "off".
+SAMPLING_RULES = {
+    "temperature": (lambda v: v >= 0, "≥ 0 (0: greedy)"),
+    "runtime_top_k": (lambda v: v >= 0, "≥ 0 (0: off)"),
+    "runtime_top_p": (lambda v: 0 <= v <= 1, "in (0, 1] (0: off)"),
+    "repetition_penalty": (lambda v: v > 0, "> 0 (1: off)"),
+    "len_penalty": (lambda v: v >= 0, "≥ 0"),
+    "min_tokens": (lambda v: v >= 0, "≥ 0"),
+    "beam_width": (lambda v: v >= 1, "≥ 1"),
+    "num_return_sequences": (lambda v: v >= 1, "≥ 1"),
+    "presence_penalty": (lambda v: True, "a finite number"),
+    "frequency_penalty": (lambda v: True, "a finite number"),
+}
+USER_NAMES = {"runtime_top_k": "top_k", "runtime_top_p": "top_p", "len_penalty": "length_penalty",
+              "request_output_len": "max_tokens", "input_ids": "text_input"}  # what ensemble/BLS callers send
+
+
+class BadRequest(ValueError):
+    """The client's mistake; the message names the field and what it may be."""
+
+    def __init__(self, message: str):
+        super().__init__(BAD_REQUEST + message)
+
+
+def field(name: str) -> str:
+    user = USER_NAMES.get(name)
+    return name if user is None else f"{user} ({name})"
+
+
+def check_sampling(values: dict) -> None:
+    """Refuse what TensorRT-LLM's SamplingConfig refuses, naming the field; None means not sent."""
+    for name, v in values.items():
+        rule = SAMPLING_RULES.get(name)
+        if rule is not None and v is not None and not (math.isfinite(v) and rule[0](v)):
+            raise BadRequest(f"{field(name)} must be {rule[1]}, got {v}")
 
 
 def check_stub_numpy() -> None:
@@ -66,7 +105,7 @@ def utf8(raw, what: str = "text_input") -> str:
     try:
         return bytes(raw).decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{what} is not valid UTF-8 (byte {e.start}: {bytes(raw)[e.start:e.start + 4]!r}); "
+        raise BadRequest(f"{what} is not valid UTF-8 (byte {e.start}: {bytes(raw)[e.start:e.start + 4]!r}); "
                          "send UTF-8 encoded text") from None
 
 
@@ -114,6 +153,8 @@ def parse_word_list(arr) -> list[list[int]]:
     for end in ends:
         if end < 0:
             break
+        if end > len(ids) or end < start:  # TensorRT-LLM would read past the list or backwards
+            raise BadRequest(f"word list offsets must rise and stay within its {len(ids)} ids, got {ends}")
         if end > start:
             words.append(ids[start:end])
         start = end

@@ -29,7 +29,7 @@ class TritonPythonModel:
                 seqs = [tokens[b, k, : int(lengths[b, k])].tolist()
                         for b in range(tokens.shape[0]) for k in range(tokens.shape[1])]
                 texts = self.tokenizer.batch_decode(seqs, skip_special_tokens=self.skip_special_tokens)
-                out = np.array([t.encode("utf-8") for t in texts], dtype=np.object_).reshape(tokens.shape[0], -1)
+                out = np.array([t.encode("utf-8") for t in texts], dtype=np.object_)  # [batch × beam], as upstream's
                 responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("OUTPUT", out)]))
             except Exception as e:  # noqa: BLE001
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"postprocessing: {e}")))

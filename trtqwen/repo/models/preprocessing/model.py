@@ -7,8 +7,8 @@ ChatML prompt (FACTS §5). end_id/pad_id default to Qwen's <|im_end|>/<|endoftex
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from trtqwen_text import (as_bool, config_param, load_tokenizer, model_config,
-                          to_word_list_format, utf8, words_of)
+from trtqwen_text import (BadRequest, as_bool, config_param, load_tokenizer, model_config, to_word_list_format,
+                          utf8, words_of)
 
 
 def _array(request, name):
@@ -21,6 +21,10 @@ class TritonPythonModel:
         cfg = model_config(args)
         self.tokenizer = load_tokenizer(config_param(cfg, "tokenizer_dir"))
         self.add_special_tokens = as_bool(config_param(cfg, "add_special_tokens"), False)
+        # a prompt longer than this many bytes cannot fit max_input_len tokens: refused before tokenizing it
+        longest = max(len(t.encode()) for t in self.tokenizer.get_vocab())  # ≥ the bytes of any token's text
+        max_input_len = config_param(cfg, "max_input_len")
+        self.max_prompt_bytes = None if max_input_len is None else int(max_input_len) * longest
         eos = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
         self.end_id = int(config_param(cfg, "end_id", str(eos)))
@@ -34,18 +38,24 @@ class TritonPythonModel:
         for request in requests:
             try:
                 responses.append(self._one(request))
-            except Exception as e:  # noqa: BLE001 - the client's mistake, answered as this request's error
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))))
+            except Exception as e:  # noqa: BLE001 - every failure becomes this request's error response
+                code = pb_utils.TritonError.INVALID_ARG if isinstance(e, BadRequest) else pb_utils.TritonError.INTERNAL
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e), code)))
         return responses
 
     def _one(self, request):
         queries = _array(request, "QUERY")
-        texts = [utf8(q) for q in queries.reshape(queries.shape[0], -1)[:, 0]] if queries is not None else []
+        raw = list(queries.reshape(queries.shape[0], -1)[:, 0]) if queries is not None else []
+        too_long = [len(q) for q in raw if self.max_prompt_bytes and len(q) > self.max_prompt_bytes]
+        if too_long:  # seconds of tokenizing and a bigger stub for a prompt that cannot be served anyway
+            raise BadRequest(f"text_input has {too_long[0]:,} bytes: no prompt over {self.max_prompt_bytes:,} bytes fits "
+                             "max_input_len tokens; shorten it")
+        texts = [utf8(q) for q in raw]
         if not texts or any(not t for t in texts):
-            raise ValueError("text_input is empty: send a prompt")
+            raise BadRequest("text_input is empty: send a prompt")
         ids = [self.tokenizer.encode(t, add_special_tokens=self.add_special_tokens) for t in texts]
         if any(not x for x in ids):
-            raise ValueError("text_input tokenizes to nothing: send a prompt")
+            raise BadRequest("text_input tokenizes to nothing: send a prompt")
         batch = len(ids)
         width = max(len(x) for x in ids)
         input_ids = np.full((batch, width), self.pad_id, dtype=np.int32)

@@ -111,7 +111,7 @@ class TritonPythonModel:
         return pb_utils.Tensor(name, value)
 
     def _text_response(self, text: str, extra: list) -> "pb_utils.InferenceResponse":
-        out = np.array([[text.encode("utf-8")]], dtype=np.object_)
+        out = np.array([text.encode("utf-8")], dtype=np.object_)  # [beam]: upstream clients read text_output[0]
         return pb_utils.InferenceResponse(output_tensors=[self._tensor("text_output", out)] + extra)
 
     def _generate(self, inputs: dict, sender, stream: bool):

@@ -15,7 +15,8 @@ import uuid
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from trtqwen_text import as_bool, config_param, is_complete_text, load_tokenizer, model_config, parse_word_list
+from trtqwen_text import (SAMPLING_RULES, BadRequest, as_bool, check_sampling, config_param, is_complete_text,
+                          load_tokenizer, model_config, parse_word_list)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 CANCEL_CHECK_S = 0.1
@@ -23,10 +24,6 @@ UNSUPPORTED = {  # inputs this runtime cannot honour: refuse rather than silentl
     "return_log_probs": "log probabilities", "return_context_logits": "context logits",
     "return_generation_logits": "generation logits",
 }
-
-
-class RequestError(ValueError):
-    pass
 
 
 def _value(request, name, default=None):
@@ -129,7 +126,8 @@ class TritonPythonModel:
                 else:
                     self._add(request, sender)
             except Exception as e:  # noqa: BLE001 - every failure becomes this request's error response
-                self._send(None, sender, pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))), FINAL)
+                code = pb_utils.TritonError.INVALID_ARG if isinstance(e, BadRequest) else pb_utils.TritonError.INTERNAL
+                self._send(None, sender, pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e), code)), FINAL)
         self.wake.set()
         return None
 
@@ -142,52 +140,56 @@ class TritonPythonModel:
 
     def _add(self, request, sender):
         if self.broken:
-            raise RequestError(self.broken)
+            raise RuntimeError(self.broken)
         streaming = as_bool(_value(request, "streaming"), False)
         if streaming and not self.decoupled:
-            raise RequestError("streaming needs decoupled mode: package the repository with streaming on")
+            raise BadRequest("streaming needs decoupled mode: package the repository with streaming on")
         ids_t = pb_utils.get_input_tensor_by_name(request, "input_ids")
         ids = np.zeros((1, 0), np.int32) if ids_t is None else ids_t.as_numpy()
         if ids.ndim == 2 and ids.shape[0] != 1:
-            raise RequestError(f"send one prompt per request (this one has a batch of {ids.shape[0]})")
+            raise BadRequest(f"send one prompt per request (this one has a batch of {ids.shape[0]})")
         ids = ids.reshape(-1)
-        n = _value(request, "input_lengths", len(ids))
-        prompt = [int(x) for x in ids[: int(n)]]
+        n = int(_value(request, "input_lengths", len(ids)))
+        if not 0 <= n <= len(ids):  # TensorRT-LLM would read past the prompt, or drop its last tokens unasked
+            raise BadRequest(f"input_lengths must be between 1 and the {len(ids)} input_ids sent, got {n}")
+        prompt = [int(x) for x in ids[:n]]
         if not prompt:
-            raise RequestError("the prompt is empty: send a non-empty text_input / input_ids")
+            raise BadRequest("the prompt is empty: send a non-empty text_input / input_ids")
         if len(prompt) > self.max_input_len:
-            raise RequestError(f"the prompt has {len(prompt)} tokens, more than max_input_len {self.max_input_len}: "
-                               "shorten it, or build and package with a larger --max-input-len")
+            raise BadRequest(f"the prompt has {len(prompt)} tokens, more than max_input_len {self.max_input_len}: "
+                             "shorten it, or build and package with a larger --max-input-len")
         max_tokens = int(_value(request, "request_output_len", 0))
         if max_tokens < 1:
-            raise RequestError(f"max_tokens must be at least 1, got {max_tokens}")
+            raise BadRequest(f"max_tokens must be at least 1, got {max_tokens}")
         if max_tokens > self.max_seq_len:
-            raise RequestError(f"max_tokens {max_tokens} exceeds the sequence limit max_seq_len {self.max_seq_len} "
-                               "(prompt + output): ask for fewer tokens, or build with a larger --max-seq-len")
+            raise BadRequest(f"max_tokens {max_tokens} exceeds the sequence limit max_seq_len {self.max_seq_len} "
+                             "(prompt + output): ask for fewer tokens, or build with a larger --max-seq-len")
         if len(prompt) + max_tokens > self.max_seq_len:  # as TensorRT-LLM does: shorten the output, say so
             self.logger.log_warn(f"[trtqwen] prompt {len(prompt)} + max_tokens {max_tokens} > max_seq_len "
                                  f"{self.max_seq_len}: output limited to {self.max_seq_len - len(prompt)} tokens")
             max_tokens = self.max_seq_len - len(prompt)
+        sent = {name: _value(request, name) for name in SAMPLING_RULES}
+        check_sampling(sent)
         for name, what in UNSUPPORTED.items():
             if as_bool(_value(request, name), False):
-                raise RequestError(f"{what} ({name}) are not available from the torch runtime: "
-                                   "serve TensorRT engines (--runtime trtllm) for them")
+                raise BadRequest(f"{what} ({name}) are not available from the torch runtime: "
+                                 "serve TensorRT engines (--runtime trtllm) for them")
         for name in ("beam_width", "num_return_sequences"):
-            if int(_value(request, name, 1)) > 1:
-                raise RequestError(f"{name} > 1 is not supported by the torch runtime (sampling, one sequence)")
-        bad = parse_word_list(self._array(request, "bad_words_list"))
-        if bad:
-            raise RequestError("bad_words are not supported by the torch runtime: serve with --runtime trtllm")
+            if (sent[name] or 1) > 1:
+                raise BadRequest(f"{name} > 1 is not supported by the torch runtime (sampling, one sequence)")
+        if parse_word_list(self._array(request, "bad_words_list")):
+            raise BadRequest("bad_words are not supported by the torch runtime: serve with --runtime trtllm")
+        given = lambda name, default: default if sent[name] is None else sent[name]  # noqa: E731
         params = self.SamplingParams(
             max_tokens=max_tokens,
-            temperature=float(_value(request, "temperature", 1.0)),
-            top_k=int(_value(request, "runtime_top_k", 0)),
-            top_p=float(_value(request, "runtime_top_p", 0.0)),
+            temperature=float(given("temperature", 1.0)),
+            top_k=int(given("runtime_top_k", 0)),
+            top_p=float(given("runtime_top_p", 0.0)),
             seed=int(_value(request, "seed", 0)),
-            repetition_penalty=float(_value(request, "repetition_penalty", 1.0)),
-            presence_penalty=float(_value(request, "presence_penalty", 0.0)),
-            frequency_penalty=float(_value(request, "frequency_penalty", 0.0)),
-            min_tokens=int(_value(request, "min_tokens", 0)),
+            repetition_penalty=float(given("repetition_penalty", 1.0)),
+            presence_penalty=float(given("presence_penalty", 0.0)),
+            frequency_penalty=float(given("frequency_penalty", 0.0)),
+            min_tokens=int(given("min_tokens", 0)),
             end_id=int(_value(request, "end_id", self.end_id)),
             pad_id=int(_value(request, "pad_id", self.pad_id)),
             stop_words=parse_word_list(self._array(request, "stop_words_list")),

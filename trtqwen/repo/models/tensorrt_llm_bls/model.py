@@ -16,8 +16,8 @@ import uuid
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from trtqwen_interface import ENSEMBLE_TRTLLM_INPUTS, PASSTHROUGH_OUTPUTS, TEXT_INPUTS
-from trtqwen_text import (IncrementalDecoder, TextDeltas, as_bool, config_param,
-                          load_tokenizer, model_config, utf8, words_of)
+from trtqwen_text import (BAD_REQUEST, SAMPLING_RULES, BadRequest, IncrementalDecoder, TextDeltas, as_bool,
+                          check_sampling, config_param, load_tokenizer, model_config, utf8, words_of)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 PREPROCESSING_INPUTS = {"QUERY": "text_input", "REQUEST_OUTPUT_LEN": "max_tokens", "BAD_WORDS_DICT": "bad_words",
@@ -32,11 +32,10 @@ LLMAPI_INPUTS = {"sampling_param_max_tokens": "max_tokens", "sampling_param_temp
 PASSTHROUGH = [t.name for t in PASSTHROUGH_OUTPUTS if t.name not in ("num_output_tokens",)]
 
 
-class BadRequest(ValueError):
-    pass
-
-
 def _error(message: str, code=None) -> "pb_utils.InferenceResponse":
+    """An error response; a client's mistake (found here or by the model it calls) keeps INVALID_ARG for HTTP."""
+    if code is None and BAD_REQUEST in message:
+        code = pb_utils.TritonError.INVALID_ARG
     err = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
     return pb_utils.InferenceResponse(error=err)
 
@@ -94,6 +93,8 @@ class TritonPythonModel:
         if tokens is None or tokens.size == 0 or int(tokens.reshape(-1)[0]) < 1:
             got = "nothing" if tokens is None or tokens.size == 0 else int(tokens.reshape(-1)[0])
             raise BadRequest(f"max_tokens must be at least 1, got {got}")
+        check_sampling({trt: inputs[text].reshape(-1)[0].item() for trt, text in ENSEMBLE_TRTLLM_INPUTS.items()
+                        if trt in SAMPLING_RULES and inputs.get(text) is not None and inputs[text].size})
 
     @staticmethod
     def _send(sender, response, flags=0) -> bool:
@@ -118,8 +119,9 @@ class TritonPythonModel:
         pre_inputs = [self._tensor(k, inputs[v]) for k, v in PREPROCESSING_INPUTS.items() if v in inputs]
         pre = pb_utils.InferenceRequest(model_name="preprocessing", inputs=pre_inputs,
                                         requested_output_names=list(FROM_PREPROCESSING.values())).exec()
-        if pre.has_error():
-            raise BadRequest(pre.error().message())
+        if pre.has_error():  # preprocessing's message says whose mistake it is
+            self._send(sender, _error(pre.error().message()), FINAL)
+            return
         trt_inputs = [self._tensor(k, pb_utils.get_output_tensor_by_name(pre, v).as_numpy())
                       for k, v in FROM_PREPROCESSING.items()]
         for trt_name, text_name in ENSEMBLE_TRTLLM_INPUTS.items():

@@ -70,6 +70,16 @@ def test_not_qwen2(small_hf, tmp_path):
         hf.validate(m)
 
 
+@pytest.mark.parametrize("name", ["config.json", "tokenizer_config.json"])
+def test_custom_code_refused(small_hf, tmp_path, name):
+    m = copy(small_hf, tmp_path)
+    f = m / name
+    cfg = json.loads(f.read_text()) if f.is_file() else {}
+    f.write_text(json.dumps({**cfg, "auto_map": {"AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"}}))
+    with pytest.raises(UserError, match=f"auto_map in {name}"):
+        hf.validate(m)
+
+
 def test_pytorch_bin_weights_refused(small_hf, tmp_path):
     m = copy(small_hf, tmp_path)
     for p in list(m.glob("*.safetensors*")):

@@ -116,6 +116,10 @@ def build(
         )
     except UserError as e:
         fail(e)
+    except KeyboardInterrupt:  # stages write to a temporary place and rename: an interrupted one leaves nothing
+        err.print("[yellow]interrupted:[/] the stage in progress was discarded (finished stages are kept); "
+                  "rerun the same command to continue")
+        raise typer.Exit(130) from None
     raise typer.Exit(result.exit_code)
 
 

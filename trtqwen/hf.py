@@ -99,6 +99,13 @@ def validate(path: Path, revision: str | None = None) -> HfCheckpoint:
         raise UserError(f"{path} is a {arch} model, not Qwen2ForCausalLM",
                         "trtqwen builds Qwen2-architecture models (Qwen2, Qwen2.5); pick one of those")
 
+    custom = [name for name in ("config.json", "tokenizer_config.json")
+              if (path / name).is_file() and "auto_map" in json.loads((path / name).read_text())]
+    if custom:  # trust_remote_code stays off: what that code would change, the standard build would silently miss
+        raise UserError(f"{path} asks for custom code (auto_map in {', '.join(custom)}); trtqwen never runs checkpoint "
+                        "code and builds the standard Qwen2 architecture",
+                        "if the custom code is the stock Qwen2 (as in many fine-tunes), delete the auto_map entries")
+
     index = path / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text()).get("weight_map", {})

@@ -1,9 +1,13 @@
 """tritonserver launching: the mpirun layout for TP ranks, refusals, and the log shown when a server fails."""
 
+import json
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
+
+from conftest import free_ports
 
 from trtqwen import server
 from trtqwen.errors import UserError
@@ -43,6 +47,7 @@ def test_missing_repository_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_a_failing_model_shows_the_log_and_leaves_no_server(tmp_path):
+    ports = free_ports(3)
     model = tmp_path / "repo" / "broken"
     (model / "1").mkdir(parents=True)
     (model / "config.pbtxt").write_text('name: "broken"\nbackend: "python"\nmax_batch_size: 0\n'
@@ -50,9 +55,9 @@ def test_a_failing_model_shows_the_log_and_leaves_no_server(tmp_path):
                                         'output [{ name: "y" data_type: TYPE_STRING dims: [1] }]\n')
     (model / "1" / "model.py").write_text("raise RuntimeError('this model is broken on purpose')\n")
     with pytest.raises(UserError) as e:
-        server.start(tmp_path / "repo", ["broken"], http_port=18900, grpc_port=18901, metrics_port=18902, timeout=120)
+        server.start(tmp_path / "repo", ["broken"], "127.0.0.1", *ports, timeout=120)
     assert "broken on purpose" in str(e.value)
-    assert server.port_free("127.0.0.1", 18900) and not (tmp_path / "repo" / server.STATE_FILE).exists()
+    assert server.port_free("127.0.0.1", ports[0]) and not (tmp_path / "repo" / server.STATE_FILE).exists()
 
 
 def test_cli_print_command_and_stop(served_tiny):
@@ -65,3 +70,25 @@ def test_cli_print_command_and_stop(served_tiny):
     assert r.exit_code == 0 and "tritonserver" in r.output and "--http-port=9100" in r.output
     r = CliRunner().invoke(app, ["serve", str(repo.parent / "not-a-repo")])
     assert r.exit_code == 2 and "trtqwen package" in r.output
+
+
+def test_a_stale_record_never_signals_the_process_that_now_has_its_pid(tmp_path):
+    """The state file names a pid that is now another process (here: a sleep in its own session): left alone."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    other = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        (repo / server.STATE_FILE).write_text(json.dumps({"pid": other.pid, "started": 1, "http_port": 1,
+                                                          "grpc_port": 2}))
+        assert server.stop(repo) is None and other.poll() is None  # not ours: not signalled
+        assert not (repo / server.STATE_FILE).exists()  # and the stale record is gone
+    finally:
+        other.kill()
+
+
+def test_a_second_server_on_a_served_repository_is_refused(served_tiny):
+    repo = served_tiny[2]
+    before = (repo / "tritonserver.log").stat().st_size
+    with pytest.raises(UserError, match="already served by tritonserver pid"):
+        server.start(repo, [], "127.0.0.1", *free_ports(3))
+    assert (repo / "tritonserver.log").stat().st_size >= before  # the running server's log was not truncated

@@ -48,6 +48,9 @@ def chatml(messages: list[dict], system: str | None = DEFAULT_SYSTEM, add_genera
     return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
 
 
+IDLE_TIMEOUT_S = 60.0  # longest silence inside a stream: far above a prefill on the GPU, below a user's patience
+
+
 class RequestRejected(UserError):
     """The server refused the request as invalid (a field out of range, a prompt too long): the caller's mistake."""
 
@@ -112,10 +115,10 @@ class TritonLLMClient:
     """Talks to `ensemble` or `tensorrt_llm_bls` (same text interface) over gRPC streams."""
 
     def __init__(self, url: str = "127.0.0.1:8001", model: str = "ensemble", http_url: str | None = None,
-                 timeout: float = 5.0):
+                 timeout: float = 5.0, idle_timeout: float = IDLE_TIMEOUT_S):
         import tritonclient.grpc as grpcclient
 
-        self.url, self.model = url, model
+        self.url, self.model, self.idle_timeout = url, model, idle_timeout
         self.http_url = http_url
         self.grpc = grpcclient
         try:
@@ -183,13 +186,19 @@ class TritonLLMClient:
         client.start_stream(callback=lambda result, error: events.put((result, error)))
         try:
             client.async_stream_infer(self.model, self._inputs(prompt, params, True), enable_empty_final_response=True)
+            last = time.perf_counter()
             while True:
                 if cancel is not None and cancel.is_set():
                     break  # closing the stream cancels the request on the server
                 try:
-                    result, error = events.get(timeout=0.05 if cancel is not None else 600)
+                    result, error = events.get(timeout=0.05 if cancel is not None else 1.0)
                 except queue.Empty:
+                    if time.perf_counter() - last > self.idle_timeout:  # a killed model stub answers nothing, ever
+                        raise UserError(f"no response from {self.model} at {self.url} for {self.idle_timeout:.0f} s: "
+                                        "its model process may have died",
+                                        "see the server log; restart it with `trtqwen serve <repo> --stop` and serve")
                     continue
+                last = time.perf_counter()
                 if error is not None:
                     raise server_error(error.message() if hasattr(error, "message") else str(error))
                 resp = result.get_response()

@@ -176,6 +176,10 @@ def start(repo: Path, models: list[str], host: str = "127.0.0.1", http_port: int
     repo = Path(repo)
     if not repo.is_dir():
         raise UserError(f"no model repository at {repo}", "run `trtqwen package <build dir> --out model_repo` first")
+    running = running_server(repo)
+    if running:  # a second server would orphan the first and truncate its log
+        raise UserError(f"{repo} is already served by tritonserver pid {running['pid']} (HTTP {running['http_port']}, "
+                        f"gRPC {running['grpc_port']})", f"stop it first: trtqwen serve {repo} --stop")
     for port in (http_port, grpc_port, metrics_port):
         if not port_free(host, port):
             raise UserError(f"port {port} on {host} is already in use",
@@ -194,8 +198,9 @@ def start(repo: Path, models: list[str], host: str = "127.0.0.1", http_port: int
     except BaseException:
         stop_process(proc.pid)
         raise
-    state = {"pid": proc.pid, "host": host, "http_port": http_port, "grpc_port": grpc_port,
-             "metrics_port": metrics_port, "log": str(log.resolve()), "server": install.describe(), "command": cmd}
+    state = {"pid": proc.pid, "started": process_start(proc.pid), "host": host, "http_port": http_port,
+             "grpc_port": grpc_port, "metrics_port": metrics_port, "log": str(log.resolve()),
+             "server": install.describe(), "command": cmd}
     (repo / STATE_FILE).write_text(json.dumps(state, indent=2))
     return state
 
@@ -222,13 +227,33 @@ def stop_process(pid: int, timeout: float = 15) -> bool:
     return True
 
 
-def stop(repo: Path) -> dict | None:
+def process_start(pid: int) -> int | None:
+    """The kernel's start time of pid (clock ticks since boot): a recycled pid has another one."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def running_server(repo: Path) -> dict | None:
+    """The state of the server started for repo if that very process still runs; a stale record is removed."""
     state_path = Path(repo) / STATE_FILE
     if not state_path.is_file():
         return None
     state = json.loads(state_path.read_text())
+    if state.get("started") is not None and process_start(state["pid"]) == state["started"]:
+        return state
+    state_path.unlink(missing_ok=True)  # its pid is dead or now another process's: never signal that one
+    return None
+
+
+def stop(repo: Path) -> dict | None:
+    """Stop the server started for repo; None when none runs (a stale record is dropped, its pid left alone)."""
+    state = running_server(repo)
+    if state is None:
+        return None
     stop_process(state["pid"])
-    state_path.unlink(missing_ok=True)
+    (Path(repo) / STATE_FILE).unlink(missing_ok=True)
     return state
 
 

@@ -1,4 +1,5 @@
-"""Faults on a real tritonserver (CPU, the tiny model) of its own: a model stub killed mid-stream."""
+"""Faults on a real tritonserver (CPU, the tiny model) of its own: a model stub killed mid-stream, the supervisor
+loading it again."""
 
 import os
 import signal
@@ -39,13 +40,14 @@ def own_server(tiny_dir, tmp_path):
     http, grpc, metrics = free_ports(3)
     server.start(repo, ["ensemble"], "127.0.0.1", http, grpc, metrics, timeout=180)
     try:
-        yield f"127.0.0.1:{grpc}"
+        yield f"127.0.0.1:{grpc}", repo
     finally:
         server.stop(repo)
 
 
-def test_a_killed_stub_fails_streams_in_bounded_time(own_server):
-    client = TritonLLMClient(own_server, idle_timeout=5)
+def test_a_killed_stub_fails_its_streams_and_is_loaded_again(own_server):
+    url, repo = own_server
+    client = TritonLLMClient(url, idle_timeout=5)
     long = GenerationParams(max_tokens=400, min_tokens=400, top_k=1, stop_words=[])
     (pid,) = stub_pids("tensorrt_llm")
     outcome = {}
@@ -66,5 +68,15 @@ def test_a_killed_stub_fails_streams_in_bounded_time(own_server):
     os.kill(pid, signal.SIGKILL)  # the stream is in flight
     th.join(60)
     assert not th.is_alive() and "error" in outcome, outcome  # the client gave up instead of waiting for ever
-    with pytest.raises(UserError):  # and a new request fails at once, with the server's word for it
-        client.generate("Hello", GenerationParams(max_tokens=4))
+    deadline = time.time() + 120  # the supervisor loads the model again: fresh stubs, answering
+    while time.time() < deadline and not answers(client):
+        time.sleep(0.5)
+    assert answers(client) and stub_pids("tensorrt_llm") and pid not in stub_pids("tensorrt_llm")
+    assert "loading it again" in (repo / "supervisor.log").read_text()
+
+
+def answers(client) -> bool:
+    try:
+        return bool(client.generate("Hello", GenerationParams(max_tokens=4, top_k=1)).text)
+    except UserError:
+        return False

@@ -30,6 +30,12 @@ def test_tp_ranks_under_mpirun_like_the_backend_launcher():
     assert "--load-model" not in rank0  # rank 0 serves every model
 
 
+def test_one_process_loads_every_model_under_explicit_control():
+    """Explicit model control lets the supervisor load a model again when its stub dies."""
+    cmd = server.server_command(INSTALL, Path("/r"), "127.0.0.1", 8000, 8001, 8002)
+    assert "--model-control-mode=explicit" in cmd and "--load-model=*" in cmd
+
+
 def test_port_in_use_is_refused(tmp_path):
     (tmp_path / "repo").mkdir()
     with socket.socket() as s:

@@ -124,8 +124,9 @@ def server_args(install: TritonInstall, repo: Path, host: str, http_port: int, g
 def server_command(install: TritonInstall, repo: Path, host: str, http_port: int, grpc_port: int, metrics_port: int,
                    world_size: int = 1) -> list[str]:
     """One process, or for TP > 1 one per rank under mpirun as tensorrtllm_backend's launcher does."""
-    if world_size == 1:
-        return server_args(install, repo, host, http_port, grpc_port, metrics_port)
+    if world_size == 1:  # explicit model control: the supervisor reloads a model whose stub died
+        return server_args(install, repo, host, http_port, grpc_port, metrics_port,
+                           ["--model-control-mode=explicit", "--load-model=*"])
     cmd = ["mpirun", "--allow-run-as-root"]
     for rank in range(world_size):
         # Rank 0 serves everything; other ranks load only tensorrt_llm and never listen for clients.
@@ -195,12 +196,19 @@ def start(repo: Path, models: list[str], host: str = "127.0.0.1", http_port: int
     base = f"http://{host}:{http_port}"
     try:
         wait_ready(proc, base, models, log, timeout)
+        if world_size == 1:
+            with (repo / "supervisor.log").open("w") as slog:  # it ends with the server, or `stop` ends it
+                supervisor = subprocess.Popen([sys.executable, "-m", "trtqwen.supervisor", str(repo), base,
+                                               str(proc.pid)], stdout=slog, stderr=subprocess.STDOUT,
+                                              start_new_session=True)
     except BaseException:
         stop_process(proc.pid)
         raise
     state = {"pid": proc.pid, "started": process_start(proc.pid), "host": host, "http_port": http_port,
              "grpc_port": grpc_port, "metrics_port": metrics_port, "log": str(log.resolve()),
-             "server": install.describe(), "command": cmd}
+             "server": install.describe(), "command": cmd,
+             "supervisor_pid": supervisor.pid if world_size == 1 else None,
+             "supervisor_started": process_start(supervisor.pid) if world_size == 1 else None}
     (repo / STATE_FILE).write_text(json.dumps(state, indent=2))
     return state
 
@@ -218,8 +226,9 @@ def stop_process(pid: int, timeout: float = 15) -> bool:
             os.killpg(pgid, 0)
         except ProcessLookupError:
             return True
-        try:  # reap it if it is our child
-            os.waitpid(pid, os.WNOHANG)
+        try:  # reap those of the group that are our children (the server, its supervisor): zombies linger
+            while os.waitpid(-pgid, os.WNOHANG)[0]:
+                pass
         except ChildProcessError:
             pass
         time.sleep(0.1)
@@ -253,6 +262,8 @@ def stop(repo: Path) -> dict | None:
     if state is None:
         return None
     stop_process(state["pid"])
+    if state.get("supervisor_pid") and state.get("supervisor_started") == process_start(state["supervisor_pid"]):
+        stop_process(state["supervisor_pid"], timeout=5)
     (Path(repo) / STATE_FILE).unlink(missing_ok=True)
     return state
 

@@ -1,6 +1,7 @@
 """`trtqwen build` end to end on the tiny model: manifest, stage skipping, and bad input that leaves nothing half-done."""
 
 import json
+from pathlib import Path
 import shutil
 
 import pytest
@@ -124,6 +125,42 @@ def test_not_enough_disk(tiny_dir, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="not enough disk"):
         build_mod.run_build(model=str(tiny_dir), out=tmp_path / "b")
     assert not (tmp_path / "b").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of a chosen size (needs root, as CI has; said so rather than skipped silently)."""
+    import subprocess
+
+    mounts = []
+
+    def mount(size: int) -> Path:
+        d = tmp_path / f"disk{len(mounts)}"
+        d.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)], capture_output=True)
+        if r.returncode:
+            pytest.skip(f"cannot mount a tmpfs here ({r.stderr.decode().strip()}): the full-disk test needs root")
+        mounts.append(d)
+        return d
+
+    yield mount
+    for d in mounts:
+        subprocess.run(["umount", str(d)])
+
+
+def test_a_filling_disk_is_a_clear_error_and_leaves_nothing_that_looks_done(tiny_dir, small_disk, monkeypatch):
+    """The check counts the tokenizer too; and when the disk fills anyway (someone else writes), ENOSPC is an error
+    that says what to do, with no checkpoint/ and no temporaries left behind."""
+    weights = sum(f.stat().st_size for f in tiny_dir.glob("*.safetensors"))
+    others = sum(f.stat().st_size for f in tiny_dir.iterdir() if f.is_file() and f.suffix != ".safetensors")
+    disk = small_disk(int(weights * 1.1 + others / 2))  # room for the weights, not for the tokenizer as well
+    with pytest.raises(UserError, match="not enough disk"):
+        build_mod.run_build(model=str(tiny_dir), precision="bf16", out=disk / "b", until="checkpoint")
+    monkeypatch.setattr(build_mod, "check_disk", lambda out, needed: None)  # the disk fills after the check
+    r = run("--model", tiny_dir, "--precision", "bf16", "--until", "checkpoint", "--out", disk / "b")
+    assert r.exit_code == 2 and "filled up" in r.output and "rerun" in r.output
+    assert not (disk / "b" / "checkpoint").exists() and not list((disk / "b").glob(".tmp-*"))
+    assert json.loads((disk / "b" / "build.json").read_text())["complete"] is False
 
 
 def test_unreachable_hub_without_local_copy(tmp_path, monkeypatch):

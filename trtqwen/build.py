@@ -8,6 +8,7 @@ continues where it stopped and never leaves output that looks finished.
 from __future__ import annotations
 
 import contextlib
+import errno
 import shutil
 import time
 from dataclasses import dataclass
@@ -76,6 +77,9 @@ def check_output_dir(out: Path, force: bool) -> None:
         raise UserError(f"{out} exists and is not a trtqwen build directory", "pick another --out, or pass --force to use it anyway")
 
 
+HUB_TOKENIZER_BYTES = 50e6  # tokenizer, configs and chat template of a hub model, before they are downloaded
+
+
 def check_disk(out: Path, needed: float) -> None:
     free = free_bytes(out)
     if free < needed:
@@ -128,11 +132,8 @@ def run_build(*, model: str, precision="int4_awq", tp=1, gpu="rtx4090d", kv_cach
     # fetch: configs first, so the plan and the disk check come before gigabytes of download.
     t0 = time.time()
     hub = hf.is_hub_id(model)
-    if hub:
-        cfg_dir, _ = hf.fetch(model, patterns=["config.json"])
-        dims = ModelDims.from_config_file(cfg_dir)
-    else:
-        dims = ModelDims.from_config_file(hf.fetch(model)[0])
+    cfg_dir = hf.fetch(model, patterns=["config.json"])[0] if hub else hf.fetch(model)[0]
+    dims = ModelDims.from_config_file(cfg_dir)
     spec, plan = decide_spec(model, dims, precision, tp, gpu, kv_cache_dtype, max_batch_size, max_input_len,
                              max_seq_len, max_num_tokens, calib_data, calib_size)
     for warning in lossy_on_qwen25(spec):
@@ -140,10 +141,30 @@ def run_build(*, model: str, precision="int4_awq", tp=1, gpu="rtx4090d", kv_cach
     out = Path(out) if out else default_output_dir(spec)
     check_output_dir(out, force)
     ckpt_bytes = weight_bytes(dims, spec.precision) * (2 if fmt == "both" else 1)
-    check_disk(out, ckpt_bytes * (2 if until == "engine" else 1) * 1.1 + (weight_bytes(dims, parse_precision("bf16")) if hub else 0))
+    tokenizer_bytes = HUB_TOKENIZER_BYTES if hub else sum(
+        f.stat().st_size for f in Path(cfg_dir).iterdir() if f.is_file() and f.suffix != ".safetensors")
+    check_disk(out, ckpt_bytes * (2 if until == "engine" else 1) * 1.1 + tokenizer_bytes
+               + (weight_bytes(dims, parse_precision("bf16")) if hub else 0))
     out.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(out)
+    with disk_full_is_an_error(out):
+        return run_stages(model, hub, spec, plan, out, until, fmt, force, t0, console)
 
+
+@contextlib.contextmanager
+def disk_full_is_an_error(out: Path):
+    """ENOSPC anywhere in a stage: drop the half-written temporaries and say so (finished stages stay)."""
+    try:
+        yield
+    except Exception as e:  # safetensors' writer raises its own error type, naming os error 28
+        if getattr(e, "errno", None) != errno.ENOSPC and "No space left on device" not in str(e):
+            raise
+        clean_stale_temporaries(out)
+        raise UserError(f"the disk under {out} filled up while building; the stage in progress was discarded",
+                        "free some space (or pass --out on a larger disk) and rerun: finished stages are reused") from None
+
+
+def run_stages(model, hub, spec, plan, out, until, fmt, force, t0, console) -> BuildResult:
     src_path, revision = hf.fetch(model)
     source = hf.validate(src_path, revision)
     old = read_manifest(out) or {}
@@ -164,9 +185,9 @@ def run_build(*, model: str, precision="int4_awq", tp=1, gpu="rtx4090d", kv_cach
     if until == "fetch":
         return finish(out, manifest, console)
 
-    manifest["stages"]["checkpoint"] = checkpoint_stage(spec, source, out, fmt, force, old, console)
+    copy_tokenizer(source.path, out)  # first: the checkpoint's rename into place is the stage's last act
     manifest["tokenizer_dir"] = "tokenizer"
-    copy_tokenizer(source.path, out)
+    manifest["stages"]["checkpoint"] = checkpoint_stage(spec, source, out, fmt, force, old, console)
     write_json_atomic(out / MANIFEST, manifest)
     if until == "checkpoint":
         return finish(out, manifest, console)

@@ -1,5 +1,5 @@
 """Faults on a real tritonserver (CPU, the tiny model) of its own: a model stub killed mid-stream, the supervisor
-loading it again."""
+loading it again; the whole server killed and restarted, the client and the OpenAI proxy reaching it at once."""
 
 import os
 import signal
@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_ports
+from conftest import free_ports, serve_app
 
 from trtqwen import server
 from trtqwen.client import GenerationParams, TritonLLMClient
@@ -37,16 +37,16 @@ def own_server(tiny_dir, tmp_path):
 
     run_build(model=str(tiny_dir), precision="bf16", out=tmp_path / "build", until="checkpoint")
     repo = generate_repo(tmp_path / "build", tmp_path / "repo", runtime="torch")
-    http, grpc, metrics = free_ports(3)
-    server.start(repo, ["ensemble"], "127.0.0.1", http, grpc, metrics, timeout=180)
+    ports = free_ports(3)
+    server.start(repo, ["ensemble"], "127.0.0.1", *ports, timeout=180)
     try:
-        yield f"127.0.0.1:{grpc}", repo
+        yield f"127.0.0.1:{ports[1]}", repo, ports
     finally:
         server.stop(repo)
 
 
 def test_a_killed_stub_fails_its_streams_and_is_loaded_again(own_server):
-    url, repo = own_server
+    url, repo, _ = own_server
     client = TritonLLMClient(url, idle_timeout=5)
     long = GenerationParams(max_tokens=400, min_tokens=400, top_k=1, stop_words=[])
     (pid,) = stub_pids("tensorrt_llm")
@@ -80,3 +80,35 @@ def answers(client) -> bool:
         return bool(client.generate("Hello", GenerationParams(max_tokens=4, top_k=1)).text)
     except UserError:
         return False
+
+
+def test_a_restarted_server_is_reached_at_once(own_server):
+    import openai
+
+    from trtqwen.openai_proxy import make_app
+
+    url, repo, ports = own_server
+    with serve_app(make_app(url)) as port:
+        oai = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=30)
+        ask = lambda: oai.completions.create(model="qwen2.5", prompt="Hello", max_tokens=4, temperature=0)  # noqa: E731
+        assert ask().choices[0].text
+        streams = [TritonLLMClient(url).stream("Tell me a story.", GenerationParams(max_tokens=400, min_tokens=400,
+                                                                                    stop_words=[])) for _ in range(3)]
+        for s in streams:
+            next(s)  # in flight when the server dies
+        state = server.running_server(repo)
+        os.killpg(state["pid"], signal.SIGKILL)
+        for s in streams:
+            with pytest.raises(UserError):
+                for _ in s:
+                    pass
+        server.start(repo, ["ensemble"], "127.0.0.1", *ports, timeout=180)  # the same ports, as a restart would
+        t0 = time.perf_counter()
+        while True:
+            try:
+                assert ask().choices[0].text
+                break
+            except openai.APIStatusError:
+                assert time.perf_counter() - t0 < 10, "the proxy did not reach the restarted server within 10 s"
+                time.sleep(0.2)
+        assert TritonLLMClient(url).generate("Hello", GenerationParams(max_tokens=4)).text

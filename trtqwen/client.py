@@ -35,7 +35,7 @@ INPUT_DTYPES = {
     "pad_id": "INT32", "top_k": "INT32", "top_p": "FP32", "temperature": "FP32", "repetition_penalty": "FP32",
     "presence_penalty": "FP32", "frequency_penalty": "FP32", "seed": "UINT64", "random_seed": "UINT64",
     "min_tokens": "INT32", "min_length": "INT32", "stream": "BOOL", "beam_width": "INT32",
-    "exclude_input_in_output": "BOOL", "return_num_output_tokens": "BOOL",
+    "exclude_input_in_output": "BOOL", "return_num_output_tokens": "BOOL", "return_num_input_tokens": "BOOL",
 }
 
 
@@ -48,6 +48,10 @@ def chatml(messages: list[dict], system: str | None = DEFAULT_SYSTEM, add_genera
     return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
 
 
+# Own subchannels and a short reconnect backoff: gRPC otherwise shares one backoff (up to 120 s) between every
+# channel to a server that went away, and a restarted server stays unreachable to us for a minute or more.
+CHANNEL_ARGS = [("grpc.use_local_subchannel_pool", 1), ("grpc.initial_reconnect_backoff_ms", 250),
+                ("grpc.min_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 1000)]
 IDLE_TIMEOUT_S = 60.0  # longest silence inside a stream: far above a prefill on the GPU, below a user's patience
 
 
@@ -122,7 +126,7 @@ class TritonLLMClient:
         self.http_url = http_url
         self.grpc = grpcclient
         try:
-            self.client = grpcclient.InferenceServerClient(url)
+            self.client = grpcclient.InferenceServerClient(url, channel_args=CHANNEL_ARGS)
             live = self.client.is_server_live(client_timeout=timeout)
         except Exception as e:  # noqa: BLE001 - any transport failure means the same thing to a user
             raise UserError(f"cannot reach a Triton server at {url} ({type(e).__name__})",
@@ -145,6 +149,13 @@ class TritonLLMClient:
                 return name
         return None
 
+    def model_config(self, name: str) -> dict:
+        """A served model's config as JSON; {} when it is not served (or the server says nothing)."""
+        try:
+            return self.client.get_model_config(name, as_json=True)["config"]
+        except Exception:  # noqa: BLE001 - not served, or another layout: nothing learned
+            return {}
+
     def ready(self) -> bool:
         try:
             return self.client.is_server_ready() and self.client.is_model_ready(self.model)
@@ -157,6 +168,7 @@ class TritonLLMClient:
             "max_tokens": [p.max_tokens], "end_id": [p.end_id], "pad_id": [p.pad_id], "temperature": [p.temperature],
             "top_k": [p.top_k], "top_p": [p.top_p], "stream": [stream],
             "return_num_output_tokens": [True],  # one response may carry several tokens (whole characters)
+            "return_num_input_tokens": [True],  # the prompt's length in tokens, for usage without a tokenizer
         }
         if p.stop_words:
             values["stop_words"] = [w.encode() for w in p.stop_words]
@@ -182,7 +194,8 @@ class TritonLLMClient:
         params = params or GenerationParams()
         timing = Timing(start=time.perf_counter())
         events: queue.Queue = queue.Queue()
-        client = self.grpc.InferenceServerClient(self.url)  # a stream per request: concurrent users don't share one
+        # a stream per request: concurrent users don't share one
+        client = self.grpc.InferenceServerClient(self.url, channel_args=CHANNEL_ARGS)
         client.start_stream(callback=lambda result, error: events.put((result, error)))
         try:
             client.async_stream_infer(self.model, self._inputs(prompt, params, True), enable_empty_final_response=True)
@@ -203,6 +216,9 @@ class TritonLLMClient:
                     raise server_error(error.message() if hasattr(error, "message") else str(error))
                 resp = result.get_response()
                 final = resp.parameters.get("triton_final_response")
+                n_in = result.as_numpy("num_input_tokens")
+                if n_in is not None and n_in.size:
+                    timing.input_tokens = int(n_in.ravel()[0])
                 out = result.as_numpy("text_output")
                 if out is not None and out.size:
                     now = time.perf_counter()

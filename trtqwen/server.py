@@ -239,9 +239,10 @@ def stop_process(pid: int, timeout: float = 15) -> bool:
 def process_start(pid: int) -> int | None:
     """The kernel's start time of pid (clock ticks since boot): a recycled pid has another one."""
     try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
         return None
+    return None if fields[0] == "Z" else int(fields[19])  # a zombie is dead, just not reaped yet
 
 
 def running_server(repo: Path) -> dict | None:

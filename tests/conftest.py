@@ -70,6 +70,21 @@ def served_tiny(tiny_dir, tmp_path_factory):
         server.stop(repo)
 
 
+def pids_whose_cmdline(match) -> list[int]:
+    """Live processes whose command line (a list of bytes arguments) satisfies match."""
+    from pathlib import Path
+
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            cmd = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if cmd and match(cmd):
+            pids.append(int(d.name))
+    return pids
+
+
 def free_ports(n: int) -> list[int]:
     """n ports the OS has free now (asked for together, so distinct): suites running side by side never collide."""
     socks = [socket.socket() for _ in range(n)]

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_ports, serve_app
+from conftest import free_ports, pids_whose_cmdline, serve_app
 
 from trtqwen import server
 from trtqwen.client import GenerationParams, TritonLLMClient
@@ -17,17 +17,10 @@ from trtqwen.errors import UserError
 pytestmark = pytest.mark.slow
 
 
-def stub_pids(model: str) -> list[int]:
-    """The python backend stubs serving `model` (their command line names the model's directory)."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        try:
-            cmd = (d / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if cmd and cmd[0].endswith(b"triton_python_backend_stub") and any(f"/{model}/".encode() in c for c in cmd):
-            pids.append(int(d.name))
-    return pids
+def stub_pids(repo: Path, model: str) -> list[int]:
+    """The python backend stubs serving repo's `model` (their command line names the model's directory)."""
+    name = f"{repo.resolve()}/{model}/".encode()
+    return pids_whose_cmdline(lambda cmd: cmd[0].endswith(b"triton_python_backend_stub") and any(name in c for c in cmd))
 
 
 @pytest.fixture
@@ -49,7 +42,7 @@ def test_a_killed_stub_fails_its_streams_and_is_loaded_again(own_server):
     url, repo, _ = own_server
     client = TritonLLMClient(url, idle_timeout=5)
     long = GenerationParams(max_tokens=400, min_tokens=400, top_k=1, stop_words=[])
-    (pid,) = stub_pids("tensorrt_llm")
+    (pid,) = stub_pids(repo, "tensorrt_llm")
     outcome = {}
 
     def user():
@@ -71,8 +64,9 @@ def test_a_killed_stub_fails_its_streams_and_is_loaded_again(own_server):
     deadline = time.time() + 120  # the supervisor loads the model again: fresh stubs, answering
     while time.time() < deadline and not answers(client):
         time.sleep(0.5)
-    assert answers(client) and stub_pids("tensorrt_llm") and pid not in stub_pids("tensorrt_llm")
-    assert "loading it again" in (repo / "supervisor.log").read_text()
+    log = (repo / "supervisor.log").read_text()
+    assert answers(client) and stub_pids(repo, "tensorrt_llm") and pid not in stub_pids(repo, "tensorrt_llm"), log
+    assert "loading it again" in log
 
 
 def answers(client) -> bool:

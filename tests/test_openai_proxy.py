@@ -5,6 +5,7 @@ tokenizer or limits, so it learns them from the deployment's model configs.
 """
 
 import json
+import time
 
 import httpx
 import pytest
@@ -246,7 +247,7 @@ def test_server_rejections_map_to_400_other_errors_to_500(monkeypatch):
     from trtqwen.client import RequestRejected
     from trtqwen.errors import UserError
 
-    monkeypatch.setattr(openai_proxy, "TritonLLMClient", FakeClient)
+    monkeypatch.setattr(openai_proxy, "connect", lambda url, model=None, **kw: FakeClient(url, model))
     with serve_app(openai_proxy.make_app("fake:1")) as port:
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=30)
         FakeClient.script = [RequestRejected("bad request: the prompt has 9 tokens, more than max_input_len 8")]
@@ -268,3 +269,21 @@ def test_server_rejections_map_to_400_other_errors_to_500(monkeypatch):
         assert r.status_code == 200 and events[-1] == "[DONE]"
         assert json.loads(events[-2])["error"]["type"] == "server_error"
         assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-2]) == "Hello"
+
+
+def test_a_client_that_disconnects_stops_generation_on_the_server(proxy, served_tiny):
+    """The proxy talks to tensorrt_llm_bls by default, where a closed stream cancels the generation (an ensemble
+    does not pass cancellation on in Triton 2.51): the runtime logs the cancel long before 1,500 tokens."""
+    log = served_tiny[2] / "tritonserver.log"
+    before = log.read_text(errors="replace").count("cancelled after")
+    body = chat(max_tokens=1500, min_tokens=1500, stream=True)
+    with httpx.stream("POST", f"{proxy}{CHAT}", json=body, timeout=60) as r:
+        chunks = 0
+        for line in r.iter_lines():
+            chunks += line.startswith("data: ")
+            if chunks >= 3:
+                break  # and hang up
+    deadline = time.monotonic() + 15
+    while log.read_text(errors="replace").count("cancelled after") == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert log.read_text(errors="replace").count("cancelled after") > before, "the server went on generating"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import pids_whose_cmdline
 
 from trtqwen.errors import UserError
 from trtqwen.runtime import LLMEngine, SamplingParams, load_model
@@ -27,15 +28,8 @@ PROMPTS = [[1, 2, 3], list(range(200, 290)), [151000 + i for i in range(20)], [5
 
 def rank_pids_for(path: Path) -> list[int]:
     """Live rank processes started for this checkpoint (their command line names it)."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        try:
-            cmd = (d / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"trtqwen.runtime.tp" in cmd and str(Path(path).resolve()).encode() in b" ".join(cmd):
-            pids.append(int(d.name))
-    return pids
+    where = str(Path(path).resolve()).encode()
+    return pids_whose_cmdline(lambda cmd: b"trtqwen.runtime.tp" in cmd and where in b" ".join(cmd))
 
 
 @pytest.mark.parametrize("precision,tp", [("bf16", 2), ("bf16", 4), ("int8_sq", 2), ("fp8", 2), ("int4_awq", 2),

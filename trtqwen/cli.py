@@ -198,20 +198,24 @@ def serve(
         server.stop(model_repo)
 
 
+TEXT_MODEL = typer.Option(None, help="Triton model; default: tensorrt_llm_bls when served (a stop cancels the "
+                                     "request there), else ensemble")
+
+
 @app.command()
 def chat(
     url: str = TRITON_URL,
-    model: str = TRITON_MODEL,
+    model: Optional[str] = TEXT_MODEL,
     system: str = typer.Option(DEFAULT_SYSTEM, help="system prompt"),
     max_tokens: int = typer.Option(512, help="longest answer"),
     temperature: float = typer.Option(0.7, help="sampling temperature"),
     top_p: float = typer.Option(0.8, help="nucleus sampling"),
 ):
     """Terminal chat that streams answers from the served model, keeps history, and shows tokens/s."""
-    from trtqwen.client import GenerationParams, TritonLLMClient, chatml
+    from trtqwen.client import GenerationParams, chatml, connect
 
     try:
-        client = TritonLLMClient(url, model)
+        client = connect(url, model)
     except UserError as e:
         fail(e)
     history: list[dict] = []
@@ -250,8 +254,7 @@ def chat(
 @app.command()
 def ui(
     url: str = TRITON_URL,
-    model: Optional[str] = typer.Option(None, help="Triton model; default: tensorrt_llm_bls when served (stop cancels "
-                                                   "on the server there), else ensemble"),
+    model: Optional[str] = TEXT_MODEL,
     repo: Optional[Path] = typer.Option(None, help="the served model repository, for the model panel (trtqwen_repo.json)"),
     host: str = typer.Option("127.0.0.1", help="address to bind"),
     port: int = typer.Option(7860, help="port of the web page"),
@@ -336,14 +339,14 @@ def openai(
     url: str = TRITON_URL,
     host: str = typer.Option("127.0.0.1", help="address to bind"),
     port: int = typer.Option(9000, help="port for /v1/models, /v1/chat/completions, /v1/completions"),
-    model: str = typer.Option("ensemble", help="Triton model to call"),
+    model: Optional[str] = TEXT_MODEL,
     served_model_name: str = typer.Option("qwen2.5", help="model name the API reports"),
     tokenizer: Optional[Path] = typer.Option(None, help="tokenizer dir, for prompt token counts in usage"),
 ):
     """OpenAI-compatible endpoint in front of the Triton server (streaming SSE and not)."""
     from trtqwen.openai_proxy import serve_openai
 
-    console.print(f"OpenAI-compatible API on http://{host}:{port}/v1 → Triton {url} ({model})")
+    console.print(f"OpenAI-compatible API on http://{host}:{port}/v1 → Triton {url} ({model or 'tensorrt_llm_bls, else ensemble'})")
     serve_openai(url, host, port, model, served_model_name, str(tokenizer) if tokenizer else None)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import queue
+import random
 import threading
 import time
 import urllib.error
@@ -172,7 +173,8 @@ class TritonLLMClient:
         }
         if p.stop_words:
             values["stop_words"] = [w.encode() for w in p.stop_words]
-        optional = {"seed": p.seed, "min_tokens": p.min_tokens, "repetition_penalty": p.repetition_penalty,
+        seed = p.seed if p.seed is not None else random.getrandbits(63)  # no seed: each request samples anew
+        optional = {"seed": seed, "min_tokens": p.min_tokens, "repetition_penalty": p.repetition_penalty,
                     "presence_penalty": p.presence_penalty, "frequency_penalty": p.frequency_penalty}
         values.update({k: [v] for k, v in optional.items() if v is not None})
         tensors = []
@@ -253,6 +255,19 @@ class TritonLLMClient:
 
     def chat(self, messages: list[dict], params: GenerationParams | None = None, system: str | None = DEFAULT_SYSTEM):
         return self.stream(chatml(messages, system), params)
+
+
+def connect(url: str, model: str | None = None, **kw) -> TritonLLMClient:
+    """A client for `model`; None: tensorrt_llm_bls when served (a closed stream cancels generation there; Triton 2.51
+    does not pass cancellation through an ensemble), else ensemble."""
+    if model:
+        return TritonLLMClient(url, model, **kw)
+    try:
+        return TritonLLMClient(url, "tensorrt_llm_bls", **kw)
+    except UserError as e:
+        if "is not served" not in e.message:
+            raise
+        return TritonLLMClient(url, "ensemble", **kw)
 
 
 def http_generate_stream(http_url: str, model: str, prompt: str, params: GenerationParams | None = None,

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 
-from trtqwen.client import ENDOFTEXT, IM_END, GenerationParams, RequestRejected, TritonLLMClient, chatml
+from trtqwen.client import ENDOFTEXT, IM_END, GenerationParams, RequestRejected, TritonLLMClient, chatml, connect
 from trtqwen.errors import UserError
 
 DEFAULT_MAX_TOKENS = 256
@@ -302,7 +302,7 @@ class Job:
         return "messages" if self.chat else "prompt"
 
 
-def make_app(triton_url: str, model: str = "ensemble", served_model_name: str = "qwen2.5", tokenizer_dir=None,
+def make_app(triton_url: str, model: str | None = None, served_model_name: str = "qwen2.5", tokenizer_dir=None,
              max_seq_len: int | None = None, max_input_len: int | None = None):
     """The FastAPI app.
 
@@ -337,7 +337,7 @@ def make_app(triton_url: str, model: str = "ensemble", served_model_name: str = 
         with lock:
             if state["client"] is None:
                 try:
-                    c = TritonLLMClient(triton_url, model)
+                    c = connect(triton_url, model)
                 except UserError as e:
                     raise APIError(503, f"the model server is unavailable: {e.message}", "server_error",
                                    code="service_unavailable") from None

@@ -201,6 +201,7 @@ def start(repo: Path, models: list[str], host: str = "127.0.0.1", http_port: int
                 supervisor = subprocess.Popen([sys.executable, "-m", "trtqwen.supervisor", str(repo), base,
                                                str(proc.pid)], stdout=slog, stderr=subprocess.STDOUT,
                                               start_new_session=True)
+            wait_watching(supervisor, repo / "supervisor.log")
     except BaseException:
         stop_process(proc.pid)
         raise
@@ -234,6 +235,15 @@ def stop_process(pid: int, timeout: float = 15) -> bool:
         time.sleep(0.1)
     os.killpg(pgid, signal.SIGKILL)
     return True
+
+
+def wait_watching(supervisor: subprocess.Popen, log: Path, timeout: float = 60) -> None:
+    """Return once the supervisor has counted the stubs: a stub that dies before that would never be missed."""
+    deadline = time.time() + timeout
+    while "watching" not in log.read_text(errors="replace"):
+        if supervisor.poll() is not None or time.time() > deadline:
+            raise UserError(f"the model supervisor did not start:\n{log.read_text(errors='replace')[-2000:]}")
+        time.sleep(0.05)
 
 
 def process_start(pid: int) -> int | None:

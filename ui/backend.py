@@ -8,7 +8,7 @@ import threading
 import time
 from pathlib import Path
 
-from trtqwen.client import GenerationParams, Timing, TritonLLMClient, chatml
+from trtqwen.client import GenerationParams, Timing, TritonLLMClient, chatml, connect
 from trtqwen.errors import UserError
 
 ERROR_MARK = "⚠"  # assistant turns starting with it are shown, never sent back to the model
@@ -79,15 +79,7 @@ class Backend:
     def client(self) -> TritonLLMClient:
         with self._lock:
             if self._client is None:
-                if self.requested_model:
-                    self._client = TritonLLMClient(self.url, self.requested_model, timeout=self.timeout)
-                else:
-                    try:
-                        self._client = TritonLLMClient(self.url, "tensorrt_llm_bls", timeout=self.timeout)
-                    except UserError as e:
-                        if "is not served" not in e.message:
-                            raise
-                        self._client = TritonLLMClient(self.url, "ensemble", timeout=self.timeout)
+                self._client = connect(self.url, self.requested_model, timeout=self.timeout)
             return self._client
 
     def forget(self) -> None:

@@ -55,34 +55,39 @@ def pytest_addoption(parser):
 @pytest.fixture(scope="session")
 def served_tiny(tiny_dir, tmp_path_factory):
     """A real tritonserver serving the tiny model through the torch runtime: (grpc url, http url, repo)."""
-    from trtqwen import server
     from trtqwen.build import run_build
     from trtqwen.repo import generate_repo
 
     root = tmp_path_factory.mktemp("served")
     run_build(model=str(tiny_dir), precision="bf16", out=root / "build", until="checkpoint")
     repo = generate_repo(root / "build", root / "repo", runtime="torch")
-    http, grpc, metrics = free_ports(3)
-    server.start(repo, ["ensemble", "tensorrt_llm_bls"], "127.0.0.1", http, grpc, metrics, timeout=180)
+    with serving(repo) as (grpc, http, _):
+        yield grpc, http, repo
+
+
+@contextlib.contextmanager
+def serving(repo, models=("ensemble", "tensorrt_llm_bls"), timeout: float = 180):
+    """A real tritonserver for repo on free ports: yields (grpc url, http url, ports); stopped on exit."""
+    from trtqwen import server
+
+    ports = free_ports(3)
+    server.start(repo, list(models), "127.0.0.1", *ports, timeout=timeout)
     try:
-        yield f"127.0.0.1:{grpc}", f"127.0.0.1:{http}", repo
+        yield f"127.0.0.1:{ports[1]}", f"127.0.0.1:{ports[0]}", ports
     finally:
         server.stop(repo)
 
 
-def pids_whose_cmdline(match) -> list[int]:
-    """Live processes whose command line (a list of bytes arguments) satisfies match."""
-    from pathlib import Path
+def infer_input(name: str, value):
+    """A gRPC input tensor from a numpy array, its Triton dtype from the array's."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
 
-    pids = []
-    for d in Path("/proc").iterdir():
-        try:
-            cmd = (d / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if cmd and match(cmd):
-            pids.append(int(d.name))
-    return pids
+    value = np.asarray(value)
+    t = grpcclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
+    t.set_data_from_numpy(value)
+    return t
 
 
 def free_ports(n: int) -> list[int]:

@@ -14,22 +14,14 @@ import urllib.request
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from conftest import infer_input
 
 from trtqwen.client import GenerationParams, RequestRejected, TritonLLMClient, server_error
 from trtqwen.repo.text import BAD_REQUEST
 
 pytestmark = pytest.mark.slow
 
-DTYPES = {np.dtype(object): "BYTES", np.dtype(np.int32): "INT32", np.dtype(np.float32): "FP32",
-          np.dtype(bool): "BOOL", np.dtype(np.uint64): "UINT64"}
 NAN, INF = float("nan"), float("inf")
-
-
-def _tensor(name: str, value) -> grpcclient.InferInput:
-    value = np.asarray(value)
-    t = grpcclient.InferInput(name, list(value.shape), DTYPES[value.dtype])
-    t.set_data_from_numpy(value)
-    return t
 
 
 def error_of(url: str, model: str, inputs: dict) -> str | None:
@@ -37,7 +29,7 @@ def error_of(url: str, model: str, inputs: dict) -> str | None:
     results: queue.Queue = queue.Queue()
     with grpcclient.InferenceServerClient(url) as c:
         c.start_stream(callback=lambda result, error: results.put(error))
-        c.async_stream_infer(model, [_tensor(k, v) for k, v in inputs.items()], enable_empty_final_response=True)
+        c.async_stream_infer(model, [infer_input(k, v) for k, v in inputs.items()], enable_empty_final_response=True)
         c.stop_stream()
     errors = []
     while not results.empty():

@@ -11,9 +11,8 @@ import urllib.request
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from conftest import free_ports
+from conftest import infer_input, serving
 
-from trtqwen import server
 from trtqwen.client import GenerationParams, TritonLLMClient
 from trtqwen.repo.configs import from_pbtxt, to_pbtxt
 
@@ -34,12 +33,8 @@ def old_names_server(served_tiny, tmp_path_factory):
             if outer in RENAMES:
                 step.input_map[inner] = RENAMES[outer]
     (repo / "ensemble" / "config.pbtxt").write_text(to_pbtxt(cfg))
-    http, grpc, metrics = free_ports(3)
-    server.start(repo, ["ensemble"], "127.0.0.1", http, grpc, metrics, timeout=180)
-    try:
-        yield f"127.0.0.1:{grpc}"
-    finally:
-        server.stop(repo)
+    with serving(repo, ["ensemble"]) as (grpc, _, _ports):
+        yield grpc
 
 
 SAMPLED = GenerationParams(max_tokens=12, min_tokens=12, temperature=1.0, top_k=50, top_p=0.9, seed=7, stop_words=[])
@@ -57,14 +52,6 @@ def test_both_input_name_variants(served_tiny, old_names_server):
 
 
 # --- clients written the way tensorrtllm_backend's own are (inflight_batcher_llm/client, tools/) -------------------
-def _tensor(name, value):
-    value = np.asarray(value)
-    dtype = {np.dtype(object): "BYTES", np.dtype(np.int32): "INT32", np.dtype(bool): "BOOL"}[value.dtype]
-    t = grpcclient.InferInput(name, list(value.shape), dtype)
-    t.set_data_from_numpy(value)
-    return t
-
-
 def upstream_stream(url: str, model: str, inputs: list, outputs: list[str]) -> list:
     """start_stream + async_stream_infer with a callback queue, as upstream's end_to_end_grpc_client does."""
     results: queue.Queue = queue.Queue()
@@ -81,9 +68,9 @@ def upstream_stream(url: str, model: str, inputs: list, outputs: list[str]) -> l
 
 
 def text_inputs(prompt: str, stream: bool) -> list:
-    return [_tensor("text_input", np.array([[prompt.encode()]], dtype=object)),
-            _tensor("max_tokens", np.array([[8]], dtype=np.int32)),
-            _tensor("stream", np.array([[stream]], dtype=bool))]
+    return [infer_input("text_input", np.array([[prompt.encode()]], dtype=object)),
+            infer_input("max_tokens", np.array([[8]], dtype=np.int32)),
+            infer_input("stream", np.array([[stream]], dtype=bool))]
 
 
 @pytest.mark.parametrize("model", ["ensemble", "tensorrt_llm_bls"])
@@ -99,11 +86,11 @@ def test_upstream_clients_read_text_output(served_tiny, model, stream):
 
 def test_upstream_clients_read_token_outputs(served_tiny):
     ids = np.array([[9707, 1052, 374]], dtype=np.int32)
-    inputs = [_tensor("input_ids", ids), _tensor("input_lengths", np.array([[3]], dtype=np.int32)),
-              _tensor("request_output_len", np.array([[6]], dtype=np.int32)),
-              _tensor("end_id", np.array([[-1]], dtype=np.int32)),
-              _tensor("return_num_input_tokens", np.array([[True]], dtype=bool)),
-              _tensor("return_num_output_tokens", np.array([[True]], dtype=bool))]
+    inputs = [infer_input("input_ids", ids), infer_input("input_lengths", np.array([[3]], dtype=np.int32)),
+              infer_input("request_output_len", np.array([[6]], dtype=np.int32)),
+              infer_input("end_id", np.array([[-1]], dtype=np.int32)),
+              infer_input("return_num_input_tokens", np.array([[True]], dtype=bool)),
+              infer_input("return_num_output_tokens", np.array([[True]], dtype=bool))]
     (r,) = [r for r in upstream_stream(served_tiny[0], "tensorrt_llm", inputs,
                                        ["output_ids", "sequence_length", "num_input_tokens", "num_output_tokens"])
             if r.as_numpy("output_ids") is not None]

@@ -8,19 +8,18 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_ports, pids_whose_cmdline, serve_app
+from conftest import serve_app, serving
 
 from trtqwen import server
 from trtqwen.client import GenerationParams, TritonLLMClient
 from trtqwen.errors import UserError
+from trtqwen.supervisor import stubs
 
 pytestmark = pytest.mark.slow
 
 
 def stub_pids(repo: Path, model: str) -> list[int]:
-    """The python backend stubs serving repo's `model` (their command line names the model's directory)."""
-    name = f"{repo.resolve()}/{model}/".encode()
-    return pids_whose_cmdline(lambda cmd: cmd[0].endswith(b"triton_python_backend_stub") and any(name in c for c in cmd))
+    return stubs(repo).get(model, [])
 
 
 @pytest.fixture
@@ -30,12 +29,8 @@ def own_server(tiny_dir, tmp_path):
 
     run_build(model=str(tiny_dir), precision="bf16", out=tmp_path / "build", until="checkpoint")
     repo = generate_repo(tmp_path / "build", tmp_path / "repo", runtime="torch")
-    ports = free_ports(3)
-    server.start(repo, ["ensemble"], "127.0.0.1", *ports, timeout=180)
-    try:
-        yield f"127.0.0.1:{ports[1]}", repo, ports
-    finally:
-        server.stop(repo)
+    with serving(repo, ["ensemble"]) as (grpc, _, ports):
+        yield grpc, repo, ports
 
 
 def test_a_killed_stub_fails_its_streams_and_is_loaded_again(own_server):

@@ -509,8 +509,8 @@ def test_bad_calibration_files_are_user_errors(tmp_path, name, content, match):
 def test_calibration_is_packed_into_rows_of_calib_seq_len(model_dir):
     tokenizer = quantize.load_tokenizer(model_dir)
     spec = BuildSpec(model="m", precision="fp8", calib_size=40, calib_seq_len=16)
-    batches = quantize.calibration_batches(tokenizer, spec, "cpu")
     texts = quantize.load_calibration_texts(None, 40)
+    batches = quantize.calibration_batches(texts, tokenizer, spec, "cpu")
     tokens = sum(len(tokenizer(t, truncation=True, max_length=16)["input_ids"]) + 1 for t in texts)  # + EOS each
     assert all(b.shape[-1] <= 16 for b in batches) and sum(b.numel() for b in batches) >= tokens - 1
     assert len(batches) <= 2 and max(b.shape[0] for b in batches) > 1  # full rows share one forward, then the tail

@@ -96,19 +96,14 @@ def han(text: str) -> int:
 
 @pytest.fixture(scope="module")
 def served_real(built, tmp_path_factory):
-    from conftest import free_ports
+    from conftest import serving
 
-    from trtqwen import server
     from trtqwen.repo import generate_repo
 
     build = built("bf16").parent
     repo = generate_repo(build, tmp_path_factory.mktemp("real-served") / "repo", runtime="torch")
-    http, grpc, metrics = free_ports(3)
-    server.start(repo, ["ensemble", "tensorrt_llm_bls"], "127.0.0.1", http, grpc, metrics, timeout=600)
-    try:
-        yield f"127.0.0.1:{grpc}", build / "tokenizer"
-    finally:
-        server.stop(repo)
+    with serving(repo, timeout=600) as (grpc, _, _ports):
+        yield grpc, build / "tokenizer"
 
 
 def test_served_trained_model_answers_through_the_ensemble(served_real):

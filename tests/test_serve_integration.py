@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import free_ports, started_together
+from conftest import free_ports, infer_input, started_together
 
 from trtqwen import server
 from trtqwen.repo import generate_repo
@@ -32,8 +32,6 @@ PROMPT_EN, LOOP_EN = "Say hello", ["Hello", " world", "!"]
 IM_END = 151645
 SPEC = dict(model="tiny", precision="bf16", tp=1, gpu="rtx4090d", kv_cache_dtype="auto", max_batch_size=64,
             max_input_len=64, max_seq_len=512, max_num_tokens=256)
-DTYPES = {np.dtype(object): "BYTES", np.dtype(np.int32): "INT32", np.dtype(bool): "BOOL",
-          np.dtype(np.float32): "FP32", np.dtype(np.uint64): "UINT64"}
 
 
 # --- the scripted model and its build directory -------------------------------------------------------------------
@@ -145,11 +143,8 @@ def grpc_stream(s: Served, model: str, prompt, max_tokens: int, cancel_after: in
     events: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(s.grpc_url)
     client.start_stream(callback=lambda result, error: events.put((result, error)))
-    tensors = []
-    for name, arr in request_inputs(prompt, max_tokens, return_num_output_tokens=True, **extra).items():
-        t = grpcclient.InferInput(name, list(arr.shape), DTYPES[arr.dtype])
-        t.set_data_from_numpy(arr)
-        tensors.append(t)
+    tensors = [infer_input(name, arr)
+               for name, arr in request_inputs(prompt, max_tokens, return_num_output_tokens=True, **extra).items()]
     deltas, counts, error = [], [], None
     try:
         client.async_stream_infer(model, tensors, enable_empty_final_response=True)

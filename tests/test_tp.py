@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import pids_whose_cmdline
 
 from trtqwen.errors import UserError
 from trtqwen.runtime import LLMEngine, SamplingParams, load_model
 from trtqwen.runtime.loader import load_rank, load_trtllm
 from trtqwen.runtime.tp import TPError, TPModel, load_tp_model
+from trtqwen.supervisor import processes
 
 GREEDY = SamplingParams(max_tokens=16, top_k=1, end_id=None)
 PROMPTS = [[1, 2, 3], list(range(200, 290)), [151000 + i for i in range(20)], [5] * 17]  # ids in every vocab shard
@@ -29,7 +29,7 @@ PROMPTS = [[1, 2, 3], list(range(200, 290)), [151000 + i for i in range(20)], [5
 def rank_pids_for(path: Path) -> list[int]:
     """Live rank processes started for this checkpoint (their command line names it)."""
     where = str(Path(path).resolve()).encode()
-    return pids_whose_cmdline(lambda cmd: b"trtqwen.runtime.tp" in cmd and where in b" ".join(cmd))
+    return [pid for pid, cmd in processes() if b"trtqwen.runtime.tp" in cmd and where in b" ".join(cmd)]
 
 
 @pytest.mark.parametrize("precision,tp", [("bf16", 2), ("bf16", 4), ("int8_sq", 2), ("fp8", 2), ("int4_awq", 2),

@@ -218,9 +218,9 @@ class TritonLLMClient:
                     raise server_error(error.message() if hasattr(error, "message") else str(error))
                 resp = result.get_response()
                 final = resp.parameters.get("triton_final_response")
-                n_in = result.as_numpy("num_input_tokens")
-                if n_in is not None and n_in.size:
-                    timing.input_tokens = int(n_in.ravel()[0])
+                if timing.input_tokens is None:  # the prompt's length comes with the first response
+                    n_in = result.as_numpy("num_input_tokens")
+                    timing.input_tokens = int(n_in.ravel()[0]) if n_in is not None and n_in.size else None
                 out = result.as_numpy("text_output")
                 if out is not None and out.size:
                     now = time.perf_counter()

@@ -14,7 +14,6 @@ cannot honour (tools, logprobs, logit_bias, …) are refused, never ignored. Ext
 import json
 import math
 import re
-import secrets
 import threading
 import time
 import uuid
@@ -158,8 +157,6 @@ def params_from(body: dict) -> tuple[GenerationParams, list[str]]:
     else:
         p.temperature, p.top_k = temperature, max(top_k, 0)  # vLLM's -1 is TensorRT-LLM's 0: off
         p.top_p = 1.0 if top_p is None else top_p  # not 0: with top_k 0 that is TensorRT-LLM's greedy
-        if p.seed is None:  # as OpenAI: unseeded sampling differs per request (Triton's default seed is fixed)
-            p.seed = secrets.randbits(64)
     return p, stops
 
 

@@ -156,13 +156,16 @@ def load_tokenizer(hf_dir: Path):
         raise UserError(f"cannot load the tokenizer from {hf_dir}: {e}", hint) from e
 
 
-def calibration_batches(tokenizer, spec: BuildSpec, device: str) -> list:
+def calibration_texts(spec: BuildSpec) -> list[str]:
+    return load_calibration_texts(Path(spec.calib_data) if spec.calib_data else None, spec.calib_size)
+
+
+def calibration_batches(texts: list[str], tokenizer, spec: BuildSpec, device: str) -> list:
     """The calibration samples, each cut to calib_seq_len tokens, packed end to end (EOS between them) into rows of calib_seq_len tokens, a few rows
     per forward: ModelOpt's per-forward work (AWQ fake-quantizes every weight for each of its 11 scale candidates)
     is paid once per batch, not once per sample — the difference between minutes and an hour on a CPU."""
     import torch
 
-    texts = load_calibration_texts(Path(spec.calib_data) if spec.calib_data else None, spec.calib_size)
     sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
     stream: list[int] = []
     for text in texts:
@@ -196,9 +199,10 @@ def calibrate(model, tokenizer, spec: BuildSpec, cfg: dict, device: str, say: Pr
     import modelopt.torch.quantization as mtq
     import torch
 
-    batches = calibration_batches(tokenizer, spec, device)
-    tokens = sum(b.numel() for b in batches)
-    eta, samples = calibration_eta(model, batches, spec), _sample_count(spec)
+    texts = calibration_texts(spec)
+    batches = calibration_batches(texts, tokenizer, spec, device)
+    tokens, samples = sum(b.numel() for b in batches), len(texts)
+    eta = calibration_eta(model, batches, spec)
     say(f"calibrating {spec.precision.value} (KV {spec.kv_cache_dtype.value}) on {device}: {samples} samples, "
         f"{tokens} tokens in {len(batches)} forward(s) per pass; about {_duration(eta)}")
     passes = [0]
@@ -217,10 +221,6 @@ def calibrate(model, tokenizer, spec: BuildSpec, cfg: dict, device: str, say: Pr
         smoothquant.share_smoothing(model, spec.sq_alpha)
     return {"quantize_seconds": round(time.perf_counter() - t0, 2), "calib_samples": samples,
             "calib_tokens": tokens, "calib_forwards": len(batches), "calib_eta_seconds": round(eta, 1)}
-
-
-def _sample_count(spec: BuildSpec) -> int:
-    return len(load_calibration_texts(Path(spec.calib_data) if spec.calib_data else None, spec.calib_size))
 
 
 def _duration(seconds: float) -> str:

@@ -196,20 +196,15 @@ def start(repo: Path, models: list[str], host: str = "127.0.0.1", http_port: int
     base = f"http://{host}:{http_port}"
     try:
         wait_ready(proc, base, models, log, timeout)
-        if world_size == 1:
-            with (repo / "supervisor.log").open("w") as slog:  # it ends with the server, or `stop` ends it
-                supervisor = subprocess.Popen([sys.executable, "-m", "trtqwen.supervisor", str(repo), base,
-                                               str(proc.pid)], stdout=slog, stderr=subprocess.STDOUT,
-                                              start_new_session=True)
-            wait_watching(supervisor, repo / "supervisor.log")
+        supervisor = start_supervisor(repo, base, proc.pid) if world_size == 1 else None
     except BaseException:
         stop_process(proc.pid)
         raise
     state = {"pid": proc.pid, "started": process_start(proc.pid), "host": host, "http_port": http_port,
              "grpc_port": grpc_port, "metrics_port": metrics_port, "log": str(log.resolve()),
              "server": install.describe(), "command": cmd,
-             "supervisor_pid": supervisor.pid if world_size == 1 else None,
-             "supervisor_started": process_start(supervisor.pid) if world_size == 1 else None}
+             "supervisor": None if supervisor is None else {"pid": supervisor.pid,
+                                                             "started": process_start(supervisor.pid)}}
     (repo / STATE_FILE).write_text(json.dumps(state, indent=2))
     return state
 
@@ -237,13 +232,20 @@ def stop_process(pid: int, timeout: float = 15) -> bool:
     return True
 
 
-def wait_watching(supervisor: subprocess.Popen, log: Path, timeout: float = 60) -> None:
-    """Return once the supervisor has counted the stubs: a stub that dies before that would never be missed."""
+def start_supervisor(repo: Path, base: str, server_pid: int, timeout: float = 60) -> subprocess.Popen:
+    """trtqwen.supervisor next to the server (it ends with it, or `stop` ends it), once it has counted the stubs:
+    a stub that died before that would never be missed."""
+    log = repo / "supervisor.log"
+    with log.open("w") as out:
+        supervisor = subprocess.Popen([sys.executable, "-m", "trtqwen.supervisor", str(repo), base, str(server_pid)],
+                                      stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + timeout
     while "watching" not in log.read_text(errors="replace"):
         if supervisor.poll() is not None or time.time() > deadline:
+            stop_process(supervisor.pid, timeout=5)
             raise UserError(f"the model supervisor did not start:\n{log.read_text(errors='replace')[-2000:]}")
         time.sleep(0.05)
+    return supervisor
 
 
 def process_start(pid: int) -> int | None:
@@ -255,13 +257,18 @@ def process_start(pid: int) -> int | None:
     return None if fields[0] == "Z" else int(fields[19])  # a zombie is dead, just not reaped yet
 
 
+def same_process(record: dict) -> bool:
+    """Is record's pid still the process it names (same start time), not a dead one or a recycled pid?"""
+    return record.get("started") is not None and process_start(record["pid"]) == record["started"]
+
+
 def running_server(repo: Path) -> dict | None:
     """The state of the server started for repo if that very process still runs; a stale record is removed."""
     state_path = Path(repo) / STATE_FILE
     if not state_path.is_file():
         return None
     state = json.loads(state_path.read_text())
-    if state.get("started") is not None and process_start(state["pid"]) == state["started"]:
+    if same_process(state):
         return state
     state_path.unlink(missing_ok=True)  # its pid is dead or now another process's: never signal that one
     return None
@@ -273,8 +280,8 @@ def stop(repo: Path) -> dict | None:
     if state is None:
         return None
     stop_process(state["pid"])
-    if state.get("supervisor_pid") and state.get("supervisor_started") == process_start(state["supervisor_pid"]):
-        stop_process(state["supervisor_pid"], timeout=5)
+    if state.get("supervisor") and same_process(state["supervisor"]):
+        stop_process(state["supervisor"]["pid"], timeout=5)
     (Path(repo) / STATE_FILE).unlink(missing_ok=True)
     return state
 

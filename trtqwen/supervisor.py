@@ -2,57 +2,47 @@
 
 Triton's python backend answers every request to a dead stub with "Stub process is not healthy" while the server
 and the model still say they are ready, so nothing outside would notice. `server.start` runs this next to
-tritonserver, in its process group (stopped with it); it counts each model's stub processes, and when one is
-missing asks Triton to load that model again (explicit model control), which starts fresh stubs.
+tritonserver; it counts each model's stub processes, and when one is missing asks Triton to load that model again
+(explicit model control), which starts fresh stubs.
 
     python -m trtqwen.supervisor <repo> <http base url> <tritonserver pid>
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections import Counter
+from collections import defaultdict
 from pathlib import Path
+
+from trtqwen.server import _get, process_start
 
 STUB = b"triton_python_backend_stub"
 INTERVAL_S = 0.5
 
 
-def stub_counts(repo: Path) -> Counter:
+def processes():
+    """(pid, command line as a list of bytes arguments) of every live process."""
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                yield int(d.name), (d / "cmdline").read_bytes().split(b"\0")
+            except OSError:  # gone meanwhile
+                continue
+
+
+def stubs(repo: Path) -> dict[str, list[int]]:
     """Live python-backend stubs per model of repo (a stub's command line names its model.py's path)."""
     root = str(Path(repo).resolve()).encode() + b"/"
-    counts: Counter = Counter()
-    for d in Path("/proc").iterdir():
-        try:
-            cmd = (d / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if cmd and cmd[0].endswith(STUB):
-            for arg in cmd[1:]:
-                if arg.startswith(root):
-                    counts[arg[len(root):].split(b"/")[0].decode()] += 1
-                    break
-    return counts
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-
-
-def live(base: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{base}/v2/health/live", timeout=2) as r:
-            return r.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
+    found: dict[str, list[int]] = defaultdict(list)
+    for pid, cmd in processes():
+        if cmd[0].endswith(STUB):
+            arg = next((a for a in cmd[1:] if a.startswith(root)), None)  # None: another server's stub
+            if arg is not None:
+                found[arg[len(root):].split(b"/")[0].decode()].append(pid)
+    return found
 
 
 def reload(base: str, model: str) -> str:
@@ -66,13 +56,14 @@ def reload(base: str, model: str) -> str:
 
 
 def supervise(repo: Path, base: str, server_pid: int, say=print) -> None:
-    expected = stub_counts(repo)  # started right after every model was ready
-    say(f"watching {dict(expected)} under {repo}")
-    while alive(server_pid):
-        now = stub_counts(repo)
+    expected = {model: len(pids) for model, pids in stubs(repo).items()}  # every model is ready by now
+    say(f"watching {expected} under {repo}")
+    while process_start(server_pid) is not None:
+        now = stubs(repo)
         for model, n in expected.items():
-            if now[model] < n and live(base):  # not live: the server is shutting down, its stubs with it
-                say(f"{model}: {n - now[model]} of {n} stub(s) gone; loading it again")
+            # not live: the server is shutting down, its stubs with it
+            if len(now.get(model, [])) < n and _get(f"{base}/v2/health/live") == 200:
+                say(f"{model}: {n - len(now.get(model, []))} of {n} stub(s) gone; loading it again")
                 say(f"{model}: {reload(base, model)}")
         time.sleep(INTERVAL_S)
 

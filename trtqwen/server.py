@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -53,18 +55,19 @@ def prepare_pytriton_server(src: Path, dest_root: Path = CACHE) -> TritonInstall
     stub = src / "python_backend_stubs" / pyver / "triton_python_backend_stub"
     if not stub.is_file():
         raise UserError(f"nvidia-pytriton has no python backend stub for Python {pyver}", "use Python 3.8–3.13")
-    dest = dest_root / f"tritonserver-pytriton-py{pyver}"
-    marker = dest / ".prepared"
-    if not marker.is_file() or marker.read_text() != str(src):
-        tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
+    # one copy per wheel location: two venvs never replace each other's server
+    dest = dest_root / f"tritonserver-pytriton-py{pyver}-{hashlib.sha256(str(src).encode()).hexdigest()[:8]}"
+    if not (dest / ".prepared").is_file():
+        dest_root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=dest_root, prefix=dest.name + ".tmp"))  # own name per process and thread
         for part in ("bin", "backends", "caches"):
             shutil.copytree(src / part, tmp / part, symlinks=True)
         shutil.copy2(stub, tmp / "backends" / "python" / "triton_python_backend_stub")
         (tmp / ".prepared").write_text(str(src))
-        shutil.rmtree(dest, ignore_errors=True)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, dest)
+        try:
+            os.replace(tmp, dest)
+        except OSError:  # another process or thread got there first, with the same copy
+            shutil.rmtree(tmp, ignore_errors=True)
     return TritonInstall("pytriton", dest, _stub_env(src.parent.parent / "nvidia_pytriton.libs"))
 
 

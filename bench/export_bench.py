@@ -21,8 +21,8 @@ PRECISIONS = ["bf16", "fp16", "int8_wo", "int4_wo", "int8_sq", "fp8", "int4_awq"
 
 
 def one_tiny(precision: str, tp: int, model_dir: str) -> dict:
-    from trtqwen.quantize import export_checkpoint
-    from trtqwen.spec import BuildSpec
+    from trtqwen.build.quantize import export_checkpoint
+    from trtqwen.build.spec import BuildSpec
 
     with tempfile.TemporaryDirectory() as d:
         t0 = time.time()
@@ -36,8 +36,8 @@ def qwen7b(precisions: list[str], tokenizer_dir: str) -> None:
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-    from trtqwen.quantize import export_model
-    from trtqwen.spec import BuildSpec
+    from trtqwen.build.quantize import export_model
+    from trtqwen.build.spec import BuildSpec
 
     hf = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=152064, hidden_size=3584,
               num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, intermediate_size=18944,
@@ -72,7 +72,7 @@ def main() -> None:
     if a.one:
         print(json.dumps(one_tiny(a.one[0], int(a.one[1]), a.one[2])))
     elif a.tiny:
-        from trtqwen.tiny import make_tiny
+        from trtqwen.build.tiny import make_tiny
 
         model = make_tiny(Path(tempfile.gettempdir()) / "trtqwen-bench-tiny-tp", preset="tiny-tp")
         for p in a.precisions.split(","):

@@ -19,8 +19,8 @@ from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.real_model import make_real_model  # noqa: E402
-from trtqwen.build import run_build  # noqa: E402
-from trtqwen.verify import verify  # noqa: E402
+from trtqwen.build.pipeline import run_build  # noqa: E402
+from trtqwen.build.verify import verify  # noqa: E402
 
 # (precision, KV cache, calibration samples); AWQ at several sizes: its search is what a CPU waits for
 ROWS = [("bf16", "auto", 32), ("fp16", "auto", 32), ("int8_wo", "auto", 32), ("int4_wo", "auto", 32),

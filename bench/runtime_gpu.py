@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from trtqwen.plan import CUDA_CONTEXT_BYTES, QWEN25_7B as DIMS, activation_bytes, kv_bytes_per_token, weight_bytes  # noqa: E402
+from trtqwen.build.plan import CUDA_CONTEXT_BYTES, QWEN25_7B as DIMS, activation_bytes, kv_bytes_per_token, weight_bytes  # noqa: E402
 from trtqwen.runtime import LLMEngine, SamplingParams, load_model  # noqa: E402
 from trtqwen.runtime.random_model import QWEN25_7B  # noqa: E402
 from trtqwen.runtime.random_model import random_model  # noqa: E402
-from trtqwen.spec import Precision  # noqa: E402
+from trtqwen.build.spec import Precision  # noqa: E402
 
 CEILING_BYTES_PER_S = 3.0e12  # H100 SXM measured copy bandwidth (FACTS §3): the batch-1 roofline's numerator
 SLOTS, SEQ = 32, 2048

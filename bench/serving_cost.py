@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trtqwen.client import GenerationParams, TritonLLMClient  # noqa: E402
+from trtqwen.clients.client import GenerationParams, TritonLLMClient  # noqa: E402
 from trtqwen.runtime import LLMEngine, SamplingParams, load_model  # noqa: E402
 
 PROMPT = "Explain in one paragraph why memory bandwidth limits token generation speed on GPUs."

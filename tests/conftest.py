@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """The default tiny model (hidden 128): AWQ works at TP 1."""
-    from trtqwen.tiny import make_tiny
+    from trtqwen.build.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("models") / "tiny")
 
@@ -21,7 +21,7 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_tp_dir(tmp_path_factory):
     """The shardable tiny model (hidden 512, 4 KV heads): every precision at TP 1, 2 and 4."""
-    from trtqwen.tiny import make_tiny
+    from trtqwen.build.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("models") / "tiny-tp", preset="tiny-tp")
 
@@ -29,8 +29,8 @@ def tiny_tp_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def exported(tiny_tp_dir, tmp_path_factory):
     """export(precision, tp, kv="auto") → checkpoint dir, each made once per test session."""
-    from trtqwen.quantize import export_checkpoint
-    from trtqwen.spec import BuildSpec
+    from trtqwen.build.quantize import export_checkpoint
+    from trtqwen.build.spec import BuildSpec
 
     root, cache = tmp_path_factory.mktemp("ckpt"), {}
 
@@ -55,8 +55,8 @@ def pytest_addoption(parser):
 @pytest.fixture(scope="session")
 def served_tiny(tiny_dir, tmp_path_factory):
     """A real tritonserver serving the tiny model through the torch runtime: (grpc url, http url, repo)."""
-    from trtqwen.build import run_build
-    from trtqwen.repo import generate_repo
+    from trtqwen.build.pipeline import run_build
+    from trtqwen.serve.repo import generate_repo
 
     root = tmp_path_factory.mktemp("served")
     run_build(model=str(tiny_dir), precision="bf16", out=root / "build", until="checkpoint")
@@ -68,8 +68,7 @@ def served_tiny(tiny_dir, tmp_path_factory):
 @contextlib.contextmanager
 def serving(repo, models=("ensemble", "tensorrt_llm_bls"), timeout: float = 180):
     """A real tritonserver for repo on free ports: yields (grpc url, http url, ports); stopped on exit."""
-    from trtqwen import server
-
+    from trtqwen.serve import server
     ports = free_ports(3)
     server.start(repo, list(models), "127.0.0.1", *ports, timeout=timeout)
     try:

@@ -16,8 +16,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from conftest import infer_input
 
-from trtqwen.client import GenerationParams, RequestRejected, TritonLLMClient, server_error
-from trtqwen.repo.text import BAD_REQUEST
+from trtqwen.clients.client import GenerationParams, RequestRejected, TritonLLMClient, server_error
+from trtqwen.serve.repo.text import BAD_REQUEST
 
 pytestmark = pytest.mark.slow
 

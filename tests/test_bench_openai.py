@@ -28,9 +28,9 @@ class Served:
 def served(tiny_dir, tmp_path_factory):
     from rich.console import Console
 
-    from trtqwen import server
-    from trtqwen.build import run_build
-    from trtqwen.repo import generate_repo
+    from trtqwen.serve import server
+    from trtqwen.build.pipeline import run_build
+    from trtqwen.serve.repo import generate_repo
 
     root = tmp_path_factory.mktemp("bench")
     build = root / "build"
@@ -46,8 +46,8 @@ def served(tiny_dir, tmp_path_factory):
 
 # --- bench ----------------------------------------------------------------------------------------------------------
 def test_bench_sweep_reports_and_compare(served, tmp_path):
-    from trtqwen import bench
-    from trtqwen.client import GenerationParams, TritonLLMClient
+    from trtqwen.clients import bench
+    from trtqwen.clients.client import GenerationParams, TritonLLMClient
 
     t0 = time.time()
     result = bench.run_bench(served.url, concurrency=[1, 2, 4], input_len=32, output_len=12, duration_s=2.5, warmup=2,
@@ -109,8 +109,7 @@ def test_bench_sweep_reports_and_compare(served, tmp_path):
 
 
 def test_bench_rejects_bad_input(served):
-    from trtqwen import bench
-
+    from trtqwen.clients import bench
     with pytest.raises(UserError, match="concurrency"):
         bench.run_bench(served.url, concurrency=[0], duration_s=1)
     with pytest.raises(UserError, match="concurrency"):
@@ -122,7 +121,7 @@ def test_bench_rejects_bad_input(served):
 
 
 def test_memory_metric_parsing():
-    from trtqwen.bench import parse_memory
+    from trtqwen.clients.bench import parse_memory
 
     text = ('# HELP nv_gpu_memory_used_bytes x\nnv_gpu_memory_used_bytes{gpu_uuid="a"} 1e9\n'
             'nv_gpu_memory_used_bytes{gpu_uuid="b"} 2e9\nnv_gpu_memory_total_bytes{gpu_uuid="a"} 9e9\n'
@@ -133,7 +132,7 @@ def test_memory_metric_parsing():
 # --- OpenAI-compatible proxy ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def proxy(served):
-    from trtqwen.openai_proxy import make_app
+    from trtqwen.clients.openai import make_app
 
     with serve_app(make_app(served.url, tokenizer_dir=served.tokenizer)) as port:
         yield port
@@ -195,7 +194,7 @@ def test_openai_bad_requests(oai, proxy):
 def test_openai_triton_down_is_503():
     import openai
 
-    from trtqwen.openai_proxy import make_app
+    from trtqwen.clients.openai import make_app
 
     with serve_app(make_app(f"127.0.0.1:{free_ports(1)[0]}")) as port:  # no Triton there
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=30)

@@ -7,7 +7,7 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from trtqwen import build as build_mod
+from trtqwen.build import pipeline as build_mod
 from trtqwen.cli import app
 from trtqwen.errors import UserError
 
@@ -58,8 +58,7 @@ def test_until_checkpoint_is_complete_without_engine(tiny_dir, tmp_path):
 
 
 def test_interrupted_export_leaves_nothing_that_looks_finished(tiny_dir, tmp_path, monkeypatch):
-    from trtqwen import quantize
-
+    from trtqwen.build import quantize
     def crash(*a, **k):
         raise KeyboardInterrupt  # Ctrl-C after the shards were written, before the checkpoint is complete
 

@@ -13,8 +13,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from conftest import infer_input, serving
 
-from trtqwen.client import GenerationParams, TritonLLMClient
-from trtqwen.repo.configs import from_pbtxt, to_pbtxt
+from trtqwen.clients.client import GenerationParams, TritonLLMClient
+from trtqwen.serve.repo.configs import from_pbtxt, to_pbtxt
 
 pytestmark = pytest.mark.slow
 RENAMES = {"seed": "random_seed", "min_tokens": "min_length"}

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from trtqwen import engine
+from trtqwen.build import trtllm_build as engine
 from trtqwen.errors import UserError
-from trtqwen.spec import BuildSpec, KvDtype, Precision
+from trtqwen.build.spec import BuildSpec, KvDtype, Precision
 
 FLAGS = json.loads((Path(__file__).parent / "data" / "trtllm_build_flags.json").read_text())
 KNOWN, REMOVED, DEPRECATED = FLAGS["flags"], FLAGS["removed_in_1x"], FLAGS["deprecated_in_1x"]

@@ -7,9 +7,9 @@ import pytest
 from safetensors import safe_open
 
 from trtqwen.errors import UserError
-from trtqwen.quantize import check_shardable, export_checkpoint
-from trtqwen.spec import BuildSpec
-from trtqwen.trtllm_config import qwen_checkpoint_config
+from trtqwen.build.quantize import check_shardable, export_checkpoint
+from trtqwen.build.spec import BuildSpec
+from trtqwen.build.trtllm_config import qwen_checkpoint_config
 
 FIELDS = json.loads((Path(__file__).parent / "data" / "trtllm_qwen_config_fields.json").read_text())
 PRECISIONS = {"bf16": None, "fp16": None, "int8_wo": "W8A16", "int4_wo": "W4A16", "int8_sq": "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN",

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from conftest import serve_app, serving
 
-from trtqwen import server
-from trtqwen.client import GenerationParams, TritonLLMClient
+from trtqwen.serve import server
+from trtqwen.clients.client import GenerationParams, TritonLLMClient
 from trtqwen.errors import UserError
-from trtqwen.supervisor import stubs
+from trtqwen.serve.supervisor import stubs
 
 pytestmark = pytest.mark.slow
 
@@ -24,8 +24,8 @@ def stub_pids(repo: Path, model: str) -> list[int]:
 
 @pytest.fixture
 def own_server(tiny_dir, tmp_path):
-    from trtqwen.build import run_build
-    from trtqwen.repo import generate_repo
+    from trtqwen.build.pipeline import run_build
+    from trtqwen.serve.repo import generate_repo
 
     run_build(model=str(tiny_dir), precision="bf16", out=tmp_path / "build", until="checkpoint")
     repo = generate_repo(tmp_path / "build", tmp_path / "repo", runtime="torch")
@@ -74,7 +74,7 @@ def answers(client) -> bool:
 def test_a_restarted_server_is_reached_at_once(own_server):
     import openai
 
-    from trtqwen.openai_proxy import make_app
+    from trtqwen.clients.openai import make_app
 
     url, repo, ports = own_server
     with serve_app(make_app(url)) as port:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from trtqwen import hf
+from trtqwen.build import hf
 from trtqwen.errors import UserError
 
 

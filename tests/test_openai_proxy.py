@@ -20,7 +20,7 @@ LONG = "hello " * 3000  # ~3000 tokens: past max_input_len 2048
 
 @pytest.fixture(scope="module")
 def proxy(served_tiny):
-    from trtqwen.openai_proxy import make_app
+    from trtqwen.clients.openai import make_app
 
     with serve_app(make_app(served_tiny[0])) as port:
         yield f"http://127.0.0.1:{port}"
@@ -133,7 +133,7 @@ def test_malformed_requests_are_400_naming_the_field(proxy, oai):
 
 
 def test_context_limits_learned_or_given(served_tiny):
-    from trtqwen.openai_proxy import make_app
+    from trtqwen.clients.openai import make_app
 
     with serve_app(make_app(served_tiny[0], max_seq_len=64, max_input_len=32)) as port:
         url = f"http://127.0.0.1:{port}"
@@ -230,7 +230,7 @@ class FakeClient:
         return {}
 
     def stream(self, prompt, params, cancel=None):
-        from trtqwen.client import Timing
+        from trtqwen.clients.client import Timing
 
         timing = Timing(start=0.0)
         for step in self.script:
@@ -243,8 +243,8 @@ class FakeClient:
 def test_server_rejections_map_to_400_other_errors_to_500(monkeypatch):
     import openai
 
-    from trtqwen import openai_proxy
-    from trtqwen.client import RequestRejected
+    from trtqwen.clients import openai as openai_proxy
+    from trtqwen.clients.client import RequestRejected
     from trtqwen.errors import UserError
 
     monkeypatch.setattr(openai_proxy, "connect", lambda url, model=None, **kw: FakeClient(url, model))

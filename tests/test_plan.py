@@ -5,9 +5,9 @@ import json
 import pytest
 
 from trtqwen.errors import UserError
-from trtqwen.hardware import PROFILES, get_profile
-from trtqwen.plan import QWEN25_7B, ModelDims, kv_bytes_per_token, make_plan, recommended_max_batch_size, weight_bytes
-from trtqwen.spec import KvDtype, Precision
+from trtqwen.build.hardware import PROFILES, get_profile
+from trtqwen.build.plan import QWEN25_7B, ModelDims, kv_bytes_per_token, make_plan, recommended_max_batch_size, weight_bytes
+from trtqwen.build.spec import KvDtype, Precision
 
 R4090D = get_profile("rtx4090d")
 

@@ -16,11 +16,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from trtqwen import quantize
-from trtqwen.calib import bundled_path, load_calibration_texts
+from trtqwen.build import quantize
+from trtqwen.build.calib import bundled_path, load_calibration_texts
 from trtqwen.errors import UserError
-from trtqwen.spec import BuildSpec
-from trtqwen.trtllm_config import qwen_checkpoint_config, rope_theta, rotary_scaling
+from trtqwen.build.spec import BuildSpec
+from trtqwen.build.trtllm_config import qwen_checkpoint_config, rope_theta, rotary_scaling
 
 FIELDS = json.loads((Path(__file__).parent / "data" / "trtllm_qwen_config_fields.json").read_text())
 ALGO = FIELDS["quant_algo_by_precision"]

@@ -5,8 +5,8 @@ Marked `real`: `make test-real` runs them (not `make test`: the model takes ~2 m
 
 import pytest
 
-from trtqwen.build import run_build
-from trtqwen.verify import verify
+from trtqwen.build.pipeline import run_build
+from trtqwen.build.verify import verify
 
 pytestmark = pytest.mark.real
 
@@ -98,7 +98,7 @@ def han(text: str) -> int:
 def served_real(built, tmp_path_factory):
     from conftest import serving
 
-    from trtqwen.repo import generate_repo
+    from trtqwen.serve.repo import generate_repo
 
     build = built("bf16").parent
     repo = generate_repo(build, tmp_path_factory.mktemp("real-served") / "repo", runtime="torch")
@@ -107,7 +107,7 @@ def served_real(built, tmp_path_factory):
 
 
 def test_served_trained_model_answers_through_the_ensemble(served_real):
-    from trtqwen.client import GenerationParams, TritonLLMClient, chatml
+    from trtqwen.clients.client import GenerationParams, TritonLLMClient, chatml
 
     client = TritonLLMClient(served_real[0])
     greedy = GenerationParams(max_tokens=48, top_k=1)
@@ -120,7 +120,7 @@ def test_served_trained_model_answers_through_openai(served_real):
     import openai
     from conftest import serve_app
 
-    from trtqwen.openai_proxy import make_app
+    from trtqwen.clients.openai import make_app
 
     with serve_app(make_app(served_real[0], tokenizer_dir=served_real[1])) as port:
         oai = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=120)
@@ -134,7 +134,7 @@ def test_served_trained_model_answers_through_openai(served_real):
 
 def test_smoke_judges_the_trained_models_answers(served_real):
     """Every wording check of `trtqwen smoke` (English, Chinese, Japanese scripts, JSON, 42) on trained answers."""
-    from trtqwen.smoke import run_smoke
+    from trtqwen.clients.smoke import run_smoke
 
     checks = {c.name: c for c in run_smoke(served_real[0], content=True, targets=False)}
     failed = [f"{c.name}: {c.detail}" for c in checks.values() if not c.passed]

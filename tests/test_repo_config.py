@@ -8,12 +8,12 @@ import pytest
 import yaml
 
 from trtqwen.errors import UserError
-from trtqwen.repo import check_repo_servable, check_serving_versions, generate_repo, read_record
-from trtqwen.repo import generate as generate_module
-from trtqwen.repo.configs import from_pbtxt
-from trtqwen.repo.interface import MODELS
-from trtqwen.repo.llmapi import model_yaml
-from trtqwen.repo.text import IncrementalDecoder, TextDeltas, parse_word_list, to_word_list_format
+from trtqwen.serve.repo import check_repo_servable, check_serving_versions, generate_repo, read_record
+from trtqwen.serve.repo import generate as generate_module
+from trtqwen.serve.repo.configs import from_pbtxt
+from trtqwen.serve.repo.interface import MODELS
+from trtqwen.serve.repo.llmapi import model_yaml
+from trtqwen.serve.repo.text import IncrementalDecoder, TextDeltas, parse_word_list, to_word_list_format
 
 DATA = Path(__file__).parent / "data"
 SPEC = dict(model="Qwen/Qwen2.5-7B-Instruct", precision="int4_awq", tp=1, gpu="rtx4090d", kv_cache_dtype="auto",
@@ -273,10 +273,10 @@ def test_refuses_an_engine_from_another_tensorrt_llm(tmp_path):
 
 def test_serving_version_is_read_lazily_from_the_installed_tensorrt_llm(tmp_path, monkeypatch):
     b = make_build(tmp_path / "b", engine="1.2.1")
-    monkeypatch.setattr("trtqwen.repo.checks.serving_tensorrt_llm_version", lambda: "1.0.0")
+    monkeypatch.setattr("trtqwen.serve.repo.checks.serving_tensorrt_llm_version", lambda: "1.0.0")
     with pytest.raises(UserError, match="1.2.1.*1.0.0"):
         generate_repo(b, tmp_path / "repo", runtime="trtllm")
-    monkeypatch.setattr("trtqwen.repo.checks.serving_tensorrt_llm_version", lambda: None)
+    monkeypatch.setattr("trtqwen.serve.repo.checks.serving_tensorrt_llm_version", lambda: None)
     repo = generate_repo(b, tmp_path / "repo", runtime="trtllm")
     assert read_record(repo)["versions"]["tensorrt_llm"] == "1.2.1"
     assert any("serve" in n for n in read_record(repo)["notes"])
@@ -329,7 +329,7 @@ def test_a_failed_write_leaves_nothing_behind(build, tmp_path, monkeypatch):
 
 # --- llmapi ------------------------------------------------------------------------------------------------------
 def test_llmapi_model_yaml_keys_are_nvidias_and_llm_args(tmp_path, monkeypatch):
-    monkeypatch.setattr("trtqwen.repo.llmapi.find_llmapi_model_code", lambda explicit=None: None)
+    monkeypatch.setattr("trtqwen.serve.repo.llmapi.find_llmapi_model_code", lambda explicit=None: None)
     b = make_build(tmp_path / "b", spec={"tp": 2}, ckpt_tp=2, hf_dir=True)
     repo = generate_repo(b, tmp_path / "repo", runtime="llmapi", serving_tensorrt_llm=None)
     ours = yaml.safe_load((repo / "tensorrt_llm" / "1" / "model.yaml").read_text())
@@ -370,7 +370,7 @@ def test_llmapi_falls_back_to_the_source_model(tmp_path):
 
 
 def test_model_yaml_is_pure_settings():
-    from trtqwen.repo.settings import RepoSettings
+    from trtqwen.serve.repo.settings import RepoSettings
 
     s = RepoSettings(runtime="llmapi", max_batch_size=4, max_input_len=8, max_seq_len=16, max_num_tokens=32, tp=1,
                      instances=1, kv_cache_free_gpu_mem_fraction=0.5, streaming=False, model_dir="/m",
@@ -453,8 +453,8 @@ def test_python_models_refuse_numpy2_under_the_wheels_stub(monkeypatch):
     """The wheel's stubs garble BYTES tensors under numpy 2 (reproduced): the models must refuse to load, saying why."""
     import numpy as np
 
-    from trtqwen.repo import text
-    from trtqwen.server import _stub_env
+    from trtqwen.serve.repo import text
+    from trtqwen.serve.server import _stub_env
 
     assert _stub_env(Path("/nowhere"))["TRTQWEN_PYTRITON_STUB"] == "1"  # `trtqwen serve` sets it for that server
     monkeypatch.setattr(np, "__version__", "2.2.6")

@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 from conftest import free_ports, infer_input, started_together
 
-from trtqwen import server
-from trtqwen.repo import generate_repo
-from trtqwen.repo.interface import MODELS
+from trtqwen.serve import server
+from trtqwen.serve.repo import generate_repo
+from trtqwen.serve.repo.interface import MODELS
 
 pytestmark = pytest.mark.slow
 
@@ -63,7 +63,7 @@ def make_scripted_build(root: Path) -> Path:
     from transformers import AutoTokenizer
     from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
 
-    from trtqwen.tiny import make_tiny
+    from trtqwen.build.tiny import make_tiny
 
     tiny = make_tiny(root / "tiny", preset="tiny")
     tok = AutoTokenizer.from_pretrained(tiny)

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import free_ports
 
-from trtqwen import server
+from trtqwen.serve import server
 from trtqwen.errors import UserError
 
 INSTALL = server.TritonInstall("system", Path("/opt/tritonserver"))

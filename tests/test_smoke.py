@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from trtqwen.cli import app
 from trtqwen.errors import UserError
-from trtqwen.smoke import run_smoke
+from trtqwen.clients.smoke import run_smoke
 
 pytestmark = pytest.mark.slow
 

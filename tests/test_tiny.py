@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trtqwen.errors import UserError
 from trtqwen.qwen_tokenizer import ADDED_TOKENS, tiktoken_encoding
-from trtqwen.tiny import PRESETS, make_tiny
+from trtqwen.build.tiny import PRESETS, make_tiny
 
 TEXTS = ["Hello world! The quick brown fox.", "你好，世界。人工智能正在改变我们的生活。", "日本語のテキストも大丈夫です。",
          "def f(x):\n    return x ** 2\n\n\n", "   spaces\t\ttabs\n\nnewlines  \n \n", '{"a": [1, 2.5, null], "b": "ü"}',

@@ -20,7 +20,7 @@ from trtqwen.errors import UserError
 from trtqwen.runtime import LLMEngine, SamplingParams, load_model
 from trtqwen.runtime.loader import load_rank, load_trtllm
 from trtqwen.runtime.tp import TPError, TPModel, load_tp_model
-from trtqwen.supervisor import processes
+from trtqwen.serve.supervisor import processes
 
 GREEDY = SamplingParams(max_tokens=16, top_k=1, end_id=None)
 PROMPTS = [[1, 2, 3], list(range(200, 290)), [151000 + i for i in range(20)], [5] * 17]  # ids in every vocab shard
@@ -142,9 +142,9 @@ PORTS = {1: 19610, 2: 19620}  # http, grpc, metrics = base, base+1, base+2
 def served(tiny_tp_dir, tmp_path_factory):
     """TP 1 and TP 2 packages of the tiny-tp model (bf16 checkpoints, torch runtime), served side by side."""
     from conftest import started_together  # here, not at the top: rank workers import this module too
-    from trtqwen import server
-    from trtqwen.build import run_build
-    from trtqwen.repo import generate_repo
+    from trtqwen.serve import server
+    from trtqwen.build.pipeline import run_build
+    from trtqwen.serve.repo import generate_repo
 
     root = tmp_path_factory.mktemp("served_tp")
 
@@ -172,8 +172,7 @@ def generate_stream(tp: int, prompt: str, max_tokens: int) -> str:
 
 
 def test_served_tp2_answers_as_tp1_and_leaves_no_rank_behind(served):
-    from trtqwen import server
-
+    from trtqwen.serve import server
     repos, root = served
     checkpoint = (root / "build2" / "checkpoint").resolve()
     assert json.loads((checkpoint / "config.json").read_text())["mapping"]["tp_size"] == 2

@@ -13,8 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 from trtqwen.cli import app as cli_app
-from trtqwen.client import DEFAULT_SYSTEM
-from trtqwen.server import port_free
+from trtqwen.clients.client import DEFAULT_SYSTEM
+from trtqwen.serve.server import port_free
 from ui.backend import ERROR_MARK, Backend, conversation, message_text, precision_name
 
 pytestmark = pytest.mark.slow

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from trtqwen.cli import app
 from trtqwen.errors import UserError
 from trtqwen.runtime import LLMEngine, SamplingParams, load_model
-from trtqwen.verify import TABLES, verify
+from trtqwen.build.verify import TABLES, verify
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
@@ -152,8 +152,8 @@ def test_tiny_greedy_matches_transformers_generate(tiny_dir):
 
 
 def test_thresholds_cover_every_precision():
-    from trtqwen.spec import PRECISIONS
-    from trtqwen.trtllm_config import WEIGHT_ONLY
+    from trtqwen.build.spec import PRECISIONS
+    from trtqwen.build.trtllm_config import WEIGHT_ONLY
 
     algos = {info.quant_algo for p, info in PRECISIONS.items() if p not in WEIGHT_ONLY} | set(WEIGHT_ONLY.values())
     assert all(algos <= set(table) for table in TABLES.values())

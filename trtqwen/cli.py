@@ -54,8 +54,7 @@ def plan(
     as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
 ):
     """Memory and speed model: does it fit, how many users, how fast — before you build anything."""
-    from trtqwen import plan as planning
-
+    from trtqwen.build import plan as planning
     try:
         p = planning.plan_from_options(model, gpu, precision, tp, kv_cache_dtype, max_seq_len, max_batch_size,
                                        prompt_len, max_num_tokens, kv_fraction, memory_gib, bandwidth_gbs, tflops)
@@ -77,7 +76,7 @@ def tiny(
     force: bool = typer.Option(False, help="overwrite an existing directory"),
 ):
     """Make the embedded default: a tiny Qwen2 (real architecture, real Qwen vocabulary, random weights)."""
-    from trtqwen.tiny import make_tiny
+    from trtqwen.build.tiny import make_tiny
 
     try:
         path = make_tiny(out, preset=preset, seed=seed, force=force)
@@ -105,8 +104,7 @@ def build(
     force: bool = typer.Option(False, help="redo stages even if their inputs are unchanged"),
 ):
     """HF checkpoint → quantized TensorRT-LLM checkpoint (TP shards) → engines, recorded in build.json."""
-    from trtqwen import build as build_mod
-
+    from trtqwen.build import pipeline as build_mod
     try:
         result = build_mod.run_build(
             model=model, precision=precision, tp=tp, gpu=gpu, kv_cache_dtype=kv_cache_dtype,
@@ -135,7 +133,7 @@ def package(
     force: bool = typer.Option(False, help="replace an existing repository"),
 ):
     """Write a Triton model repository (ensemble, preprocessing, tensorrt_llm, postprocessing, tensorrt_llm_bls)."""
-    from trtqwen.repo import generate_repo, read_record
+    from trtqwen.serve.repo import generate_repo, read_record
 
     try:
         path = generate_repo(build_dir, out, runtime=runtime, max_batch_size=max_batch_size, instances=instances,
@@ -164,8 +162,7 @@ def serve(
     openai_port: Optional[int] = typer.Option(None, help="also serve an OpenAI-compatible API on this port (foreground)"),
 ):
     """Run tritonserver on a model repository (one MPI rank per GPU for TP) and wait until it is ready."""
-    from trtqwen import server
-
+    from trtqwen.serve import server
     try:
         if stop:
             state = server.stop(model_repo)
@@ -186,7 +183,7 @@ def serve(
     console.print("Ctrl-C stops it.")
     try:
         if openai_port:
-            from trtqwen.openai_proxy import serve_openai
+            from trtqwen.clients.openai import serve_openai
 
             console.print(f"OpenAI-compatible API on http://{host}:{openai_port}/v1")
             serve_openai(f"{host}:{grpc_port}", host, openai_port)
@@ -212,7 +209,7 @@ def chat(
     top_p: float = typer.Option(0.8, help="nucleus sampling"),
 ):
     """Terminal chat that streams answers from the served model, keeps history, and shows tokens/s."""
-    from trtqwen.client import GenerationParams, chatml, connect
+    from trtqwen.clients.client import GenerationParams, chatml, connect
 
     try:
         client = connect(url, model)
@@ -281,7 +278,7 @@ def smoke(
                                                                       "(off for the reference runtime on a CPU)"),
 ):
     """Smoke-test a served model: readiness, streaming, CJK, JSON, stop words, 5 concurrent users, bad requests."""
-    from trtqwen.smoke import run_smoke
+    from trtqwen.clients.smoke import run_smoke
 
     try:
         checks = run_smoke(url, model, content, targets)
@@ -314,8 +311,7 @@ def bench(
     compare: Optional[Path] = typer.Option(None, "--compare", help="an earlier bench JSON to compare with"),
 ):
     """Load-test a served model over a concurrency sweep; JSON, CSV and a PNG plot; --compare with an earlier run."""
-    from trtqwen import bench as bench_mod
-
+    from trtqwen.clients import bench as bench_mod
     try:
         levels = [int(x) for x in concurrency.split(",") if x.strip()]
     except ValueError:
@@ -344,7 +340,7 @@ def openai(
     tokenizer: Optional[Path] = typer.Option(None, help="tokenizer dir, for prompt token counts in usage"),
 ):
     """OpenAI-compatible endpoint in front of the Triton server (streaming SSE and not)."""
-    from trtqwen.openai_proxy import serve_openai
+    from trtqwen.clients.openai import serve_openai
 
     console.print(f"OpenAI-compatible API on http://{host}:{port}/v1 → Triton {url} ({model or 'tensorrt_llm_bls, else ensemble'})")
     serve_openai(url, host, port, model, served_model_name, str(tokenizer) if tokenizer else None)
@@ -361,7 +357,7 @@ def verify(
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ):
     """Compare a TensorRT-LLM checkpoint with its HF source: logits cosine, max error, top-1 agreement, perplexity."""
-    from trtqwen.verify import verify as run_verify
+    from trtqwen.build.verify import verify as run_verify
 
     try:
         report = run_verify(checkpoint, against, prompts, device, thresholds)
@@ -391,7 +387,6 @@ def verify(
 def doctor(as_json: bool = typer.Option(False, "--json", help="print the report as JSON")):
     """What this machine has for the job: Python, torch/CUDA, GPUs, TensorRT-LLM, tritonserver, mpirun, disk."""
     from trtqwen import doctor as doc
-
     report = doc.collect()
     if as_json:
         print(json.dumps(report, indent=2))

@@ -9,7 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from trtqwen.hardware import detect_gpus, profile_for_gpu_name
+from trtqwen.build.hardware import detect_gpus, profile_for_gpu_name
 
 
 def _version(dist: str) -> str | None:

@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import gradio as gr  # noqa: E402
 
-from trtqwen.client import DEFAULT_SYSTEM, GenerationParams  # noqa: E402
+from trtqwen.clients.client import DEFAULT_SYSTEM, GenerationParams  # noqa: E402
 from trtqwen.errors import UserError  # noqa: E402
 from ui.backend import ERROR_MARK, STOPPED_MARK, Backend, stats_line  # noqa: E402
 

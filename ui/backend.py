@@ -8,7 +8,7 @@ import threading
 import time
 from pathlib import Path
 
-from trtqwen.client import GenerationParams, Timing, TritonLLMClient, chatml, connect
+from trtqwen.clients.client import GenerationParams, Timing, TritonLLMClient, chatml, connect
 from trtqwen.errors import UserError
 
 ERROR_MARK = "⚠"  # assistant turns starting with it are shown, never sent back to the model
@@ -44,7 +44,7 @@ def conversation(history: list[dict]) -> list[dict]:
 
 def precision_name(quant_algo: str | None, dtype: str | None) -> str:
     """A checkpoint's quant_algo/dtype as the precision names `trtqwen build` takes (W4A16_AWQ → int4_awq)."""
-    from trtqwen.spec import PRECISION_ALIASES, PRECISIONS
+    from trtqwen.build.spec import PRECISION_ALIASES, PRECISIONS
 
     if quant_algo:
         return next((p.value for p, i in PRECISIONS.items() if i.quant_algo == quant_algo), quant_algo.lower())

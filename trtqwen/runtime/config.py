@@ -50,8 +50,8 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, c: dict) -> "ModelConfig":
-        from trtqwen.plan import ModelDims
-        from trtqwen.trtllm_config import rope_theta
+        from trtqwen.build.plan import ModelDims
+        from trtqwen.build.trtllm_config import rope_theta
 
         arch = (c.get("architectures") or ["?"])[0]
         if arch != "Qwen2ForCausalLM":

@@ -13,7 +13,7 @@ from trtqwen.runtime.config import ModelConfig
 from trtqwen.runtime.layers import Linear
 from trtqwen.runtime.model import LayerWeights, Qwen2Model
 
-# SmoothQuant with dynamic per-token activation scales (TensorRT-LLM's plugin path; trtqwen/smoothquant.py)
+# SmoothQuant with dynamic per-token activation scales (TensorRT-LLM's plugin path; trtqwen/build/smoothquant.py)
 SQ_PER_TOKEN = ("W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", "W8A8_SQ_PER_TENSOR_PER_TOKEN_PLUGIN")
 
 

@@ -209,7 +209,7 @@ def run_bench(url: str, model: str = "ensemble", concurrency=(1, 2, 4, 8), input
 
     `progress`, if given, is called with each level's result as it finishes (for a live table).
     """
-    from trtqwen.client import TritonLLMClient, GenerationParams
+    from trtqwen.clients.client import TritonLLMClient, GenerationParams
 
     levels = [int(c) for c in concurrency]
     if not levels:

@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from trtqwen import smoothquant
-from trtqwen.calib import load_calibration_texts
+from trtqwen.build import smoothquant
+from trtqwen.build.calib import load_calibration_texts
 from trtqwen.errors import UserError
-from trtqwen.spec import BuildSpec, KvDtype, Precision
-from trtqwen.trtllm_config import CALIBRATED, WEIGHT_ONLY, qwen_checkpoint_config
+from trtqwen.build.spec import BuildSpec, KvDtype, Precision
+from trtqwen.build.trtllm_config import CALIBRATED, WEIGHT_ONLY, qwen_checkpoint_config
 
 Progress = Callable[[str], None]
 Step = Callable[[str, int, int], None]  # (what, done, total): drives a progress bar

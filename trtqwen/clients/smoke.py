@@ -12,7 +12,7 @@ import json
 import threading
 from dataclasses import dataclass
 
-from trtqwen.client import GenerationParams, TritonLLMClient, chatml
+from trtqwen.clients.client import GenerationParams, TritonLLMClient, chatml
 from trtqwen.errors import UserError
 
 TTFT_TARGET_S = 1.0

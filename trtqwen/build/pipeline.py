@@ -16,12 +16,14 @@ from pathlib import Path
 
 from rich.console import Console
 
-from trtqwen import __version__, hf
+from trtqwen import __version__
+
+from trtqwen.build import hf
 from trtqwen.errors import UserError
-from trtqwen.hardware import get_profile
-from trtqwen.manifest import MANIFEST, dir_size, read_manifest, replace_dir, stage_key, tool_versions, write_json_atomic
-from trtqwen.plan import ModelDims, make_plan, recommended_max_batch_size, weight_bytes
-from trtqwen.spec import BuildSpec, KvDtype, Precision, default_output_dir, parse_kv_dtype, parse_precision
+from trtqwen.build.hardware import get_profile
+from trtqwen.build.manifest import MANIFEST, dir_size, read_manifest, replace_dir, stage_key, tool_versions, write_json_atomic
+from trtqwen.build.plan import ModelDims, make_plan, recommended_max_batch_size, weight_bytes
+from trtqwen.build.spec import BuildSpec, KvDtype, Precision, default_output_dir, parse_kv_dtype, parse_precision
 
 STAGES = ("fetch", "checkpoint", "engine")
 FORMATS = ("trtllm", "hf", "both")
@@ -65,7 +67,7 @@ def decide_spec(model: str, dims: ModelDims, precision, tp, gpu, kv_cache_dtype,
 def default_calib_size(precision: Precision) -> int:
     """32 samples; AWQ on a CPU 16: on the trained 0.5B as good as 32 (+7.5 % vs +7.4 % perplexity) in half the
     search time (docs/PERFORMANCE.md §6), and a 7B's search on a CPU takes ~15× a 0.5B's."""
-    from trtqwen.quantize import pick_device
+    from trtqwen.build.quantize import pick_device
 
     return 16 if precision is Precision.INT4_AWQ and pick_device() == "cpu" else 32
 
@@ -224,7 +226,7 @@ def checkpoint_stage(spec: BuildSpec, source: hf.HfCheckpoint, out: Path, fmt: s
     if not force and prev.get("key") == key and all((out / d / "config.json").is_file() for d in wanted):
         console.print(f"[bold]checkpoint[/] unchanged inputs: reusing {', '.join(wanted)} (--force redoes it)")
         return {**prev, "skipped": True}
-    from trtqwen import quantize  # heavy: torch, modelopt
+    from trtqwen.build import quantize  # heavy: torch, modelopt
 
     t0 = time.time()
     record: dict = {"key": key, "format": fmt}
@@ -243,7 +245,7 @@ def checkpoint_stage(spec: BuildSpec, source: hf.HfCheckpoint, out: Path, fmt: s
 
 
 def engine_stage(spec: BuildSpec, out: Path, console) -> dict:
-    from trtqwen import engine  # the one place that touches TensorRT-LLM
+    from trtqwen.build import trtllm_build as engine  # the one place that touches TensorRT-LLM
 
     script = out / "build.sh"
     script.write_text(engine.build_script(spec, Path("checkpoint"), Path("engine"), engine.TRTLLM_IMAGE))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from trtqwen.repo.settings import RepoSettings
+from trtqwen.serve.repo.settings import RepoSettings
 
 LLMAPI_FILES = ("model.py", "helpers.py")
 LLMAPI_MODEL_ENV = "TRTQWEN_LLMAPI_MODEL_DIR"

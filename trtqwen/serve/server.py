@@ -236,11 +236,11 @@ def stop_process(pid: int, timeout: float = 15) -> bool:
 
 
 def start_supervisor(repo: Path, base: str, server_pid: int, timeout: float = 60) -> subprocess.Popen:
-    """trtqwen.supervisor next to the server (it ends with it, or `stop` ends it), once it has counted the stubs:
+    """trtqwen.serve.supervisor next to the server (it ends with it, or `stop` ends it), once it has counted the stubs:
     a stub that died before that would never be missed."""
     log = repo / "supervisor.log"
     with log.open("w") as out:
-        supervisor = subprocess.Popen([sys.executable, "-m", "trtqwen.supervisor", str(repo), base, str(server_pid)],
+        supervisor = subprocess.Popen([sys.executable, "-m", "trtqwen.serve.supervisor", str(repo), base, str(server_pid)],
                                       stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + timeout
     while "watching" not in log.read_text(errors="replace"):
@@ -290,7 +290,7 @@ def stop(repo: Path) -> dict | None:
 
 
 def _record(repo: Path) -> dict:
-    from trtqwen.repo import check_repo_servable
+    from trtqwen.serve.repo import check_repo_servable
 
     return check_repo_servable(repo)
 
@@ -316,7 +316,7 @@ def describe_commands(repo: Path, host: str, http_port: int, grpc_port: int, met
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in install.env.items())
     lines = [f"# here ({install.describe()}):", (env + " " if env else "") + " ".join(shlex.quote(c) for c in cmd)]
     if record.get("runtime") == "trtllm":
-        from trtqwen.engine import TRTLLM_IMAGE
+        from trtqwen.build.trtllm_build import TRTLLM_IMAGE
 
         inner = server_command(TritonInstall("system", SYSTEM_SERVER), Path("/model_repo"), "0.0.0.0", http_port,
                                grpc_port, metrics_port, world)

@@ -20,7 +20,7 @@ TEXT_SUFFIXES = (".txt", ".text", ".md")
 
 
 def bundled_path() -> Path:
-    return Path(str(resources.files("trtqwen.calib") / "calib.jsonl"))
+    return Path(str(resources.files("trtqwen.build.calib") / "calib.jsonl"))
 
 
 def _read_jsonl(path: Path, text: str) -> list[str]:

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 from trtqwen.errors import UserError
-from trtqwen.repo.checks import check_serving_versions, serving_tensorrt_llm_version
-from trtqwen.repo.settings import RepoSettings
+from trtqwen.serve.repo.checks import check_serving_versions, serving_tensorrt_llm_version
+from trtqwen.serve.repo.settings import RepoSettings
 
 RECORD = "trtqwen_repo.json"
 

@@ -18,7 +18,7 @@ import subprocess
 from pathlib import Path
 
 from trtqwen.errors import UserError
-from trtqwen.spec import BuildSpec, KvDtype, Precision
+from trtqwen.build.spec import BuildSpec, KvDtype, Precision
 
 TRTLLM_VERSION = "1.2.1"
 TRTLLM_SERIES = "1.2."  # every 1.2.x has the same trtllm-build flags; engines still need the exact version to serve
@@ -67,7 +67,7 @@ def engine_features(spec: BuildSpec) -> dict:
 
 def target_compute_capability(spec: BuildSpec) -> str | None:
     """The compute capability of the GPU profile the spec targets ("8.9" for rtx4090d); None for custom GPUs."""
-    from trtqwen.hardware import PROFILES
+    from trtqwen.build.hardware import PROFILES
 
     profile = PROFILES.get(spec.gpu)
     cc = profile.compute_capability if profile else None
@@ -76,7 +76,7 @@ def target_compute_capability(spec: BuildSpec) -> str | None:
 
 def build_warnings(spec: BuildSpec) -> list[str]:
     """What a user should know before building this engine: each is a known way for it to disappoint."""
-    from trtqwen.hardware import PROFILES
+    from trtqwen.build.hardware import PROFILES
 
     notes = []
     if spec.kv_cache_dtype is KvDtype.FP8:
@@ -364,7 +364,7 @@ def trtllm_versions() -> dict | None:
 
 def _gpus() -> list[dict]:
     """NVIDIA GPUs here: NVML first, torch.cuda as a fallback."""
-    from trtqwen.hardware import detect_gpus
+    from trtqwen.build.hardware import detect_gpus
 
     gpus = detect_gpus()
     if gpus:

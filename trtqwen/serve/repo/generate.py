@@ -15,16 +15,16 @@ from pathlib import Path
 
 from trtqwen import __version__
 from trtqwen.errors import UserError
-from trtqwen.manifest import replace_dir, write_json_atomic
-from trtqwen.repo import checks, llmapi
-from trtqwen.repo.configs import model_configs, to_pbtxt
-from trtqwen.repo.interface import BLS, ENSEMBLE, POSTPROCESSING, PREPROCESSING, TENSORRT_LLM
-from trtqwen.repo.record import RECORD, make_record
-from trtqwen.repo.settings import resolve_settings
+from trtqwen.build.manifest import replace_dir, write_json_atomic
+from trtqwen.serve.repo import checks, llmapi
+from trtqwen.serve.repo.configs import model_configs, to_pbtxt
+from trtqwen.serve.repo.interface import BLS, ENSEMBLE, POSTPROCESSING, PREPROCESSING, TENSORRT_LLM
+from trtqwen.serve.repo.record import RECORD, make_record
+from trtqwen.serve.repo.settings import resolve_settings
 
 HERE = Path(__file__).resolve().parent
 MODEL_SOURCES = HERE / "models"
-SERVER_STATE = ".trtqwen-server.json"  # trtqwen.server writes it into a repository it serves
+SERVER_STATE = ".trtqwen-server.json"  # trtqwen.serve.server writes it into a repository it serves
 _DETECT = object()
 
 # Model dir → {file in the repository's version dir: source}; the helpers ride along because trtqwen may not

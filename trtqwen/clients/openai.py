@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 
-from trtqwen.client import ENDOFTEXT, IM_END, GenerationParams, RequestRejected, TritonLLMClient, chatml, connect
+from trtqwen.clients.client import ENDOFTEXT, IM_END, GenerationParams, RequestRejected, TritonLLMClient, chatml, connect
 from trtqwen.errors import UserError
 
 DEFAULT_MAX_TOKENS = 256
@@ -311,7 +311,7 @@ def make_app(triton_url: str, model: str | None = None, served_model_name: str =
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
 
-    from trtqwen.bench import load_tokenizer
+    from trtqwen.clients.bench import load_tokenizer
 
     app = FastAPI(title="trtqwen OpenAI-compatible API")
     state = {"client": None, "tokenizer": load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None,

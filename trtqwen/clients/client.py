@@ -21,7 +21,7 @@ import numpy as np
 
 from trtqwen.errors import UserError
 from trtqwen.qwen_tokenizer import DEFAULT_SYSTEM
-from trtqwen.repo.text import BAD_REQUEST
+from trtqwen.serve.repo.text import BAD_REQUEST
 
 IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 QWEN_END_ID, QWEN_PAD_ID = 151645, 151643

@@ -11,9 +11,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from trtqwen.engine import engine_features
+from trtqwen.build.trtllm_build import engine_features
 from trtqwen.errors import UserError
-from trtqwen.spec import BuildSpec
+from trtqwen.build.spec import BuildSpec
 
 RUNTIMES = ("torch", "trtllm", "llmapi")
 # Qwen2.5: <|im_end|> ends an assistant turn, <|endoftext|> pads (FACTS §2); used when the tokenizer lacks them.
@@ -141,5 +141,5 @@ def resolve_settings(build_dir: Path, manifest: dict, runtime: str, model_dir: P
         instances=int(instances), kv_cache_free_gpu_mem_fraction=float(fraction), streaming=bool(streaming),
         model_dir=str(model_dir.resolve()), tokenizer_dir=str(tokenizer_dir), end_id=end_id, pad_id=pad_id,
         enable_kv_cache_reuse=paged, enable_chunked_context=paged,
-        trtqwen_src=str(Path(__file__).resolve().parents[2]),
+        trtqwen_src=str(Path(__file__).resolve().parents[3]),
     )

@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 
 from trtqwen.errors import UserError
-from trtqwen.manifest import MANIFEST, read_manifest
-from trtqwen.repo.settings import RUNTIMES
+from trtqwen.build.manifest import MANIFEST, read_manifest
+from trtqwen.serve.repo.settings import RUNTIMES
 
 ENGINE_RECORD = "engine_versions.json"  # written into the engine dir by `trtqwen build` and build.sh
 

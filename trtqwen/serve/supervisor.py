@@ -5,7 +5,7 @@ and the model still say they are ready, so nothing outside would notice. `server
 tritonserver; it counts each model's stub processes, and when one is missing asks Triton to load that model again
 (explicit model control), which starts fresh stubs.
 
-    python -m trtqwen.supervisor <repo> <http base url> <tritonserver pid>
+    python -m trtqwen.serve.supervisor <repo> <http base url> <tritonserver pid>
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
-from trtqwen.server import _get, process_start
+from trtqwen.serve.server import _get, process_start
 
 STUB = b"triton_python_backend_stub"
 INTERVAL_S = 0.5

@@ -11,9 +11,9 @@ from __future__ import annotations
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from trtqwen.repo import interface as itf
-from trtqwen.repo.interface import Tensor
-from trtqwen.repo.settings import RepoSettings
+from trtqwen.serve.repo import interface as itf
+from trtqwen.serve.repo.interface import Tensor
+from trtqwen.serve.repo.settings import RepoSettings
 
 # Executor worker of the C++ backend in NVIDIA's Triton TensorRT-LLM containers (orchestrator mode spawns it).
 EXECUTOR_WORKER = "/opt/tritonserver/backends/tensorrtllm/trtllmExecutorWorker"

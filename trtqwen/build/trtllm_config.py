@@ -10,7 +10,7 @@ tests/data/trtllm_qwen_config_fields.json.
 from __future__ import annotations
 
 from trtqwen.errors import UserError
-from trtqwen.spec import BuildSpec, Precision
+from trtqwen.build.spec import BuildSpec, Precision
 
 # Weight-only formats: the checkpoint holds 16-bit weights and TensorRT-LLM quantizes them per channel when it
 # loads the checkpoint (examples/quantization/quantize.py exports them unquantized and sets only quant_algo).

@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from trtqwen.errors import UserError
-from trtqwen.hardware import GpuProfile
-from trtqwen.spec import PRECISIONS, KvDtype, Precision, check_tp
+from trtqwen.build.hardware import GpuProfile
+from trtqwen.build.spec import PRECISIONS, KvDtype, Precision, check_tp
 
 # Fractions of the hardware peak that tuned engines reach (FACTS §3: 70–85 % for decode; 1K-token
 # prefill 130–170 ms on a 4090D ≈ 60–75 % of peak tensor throughput).
@@ -310,8 +310,8 @@ def recommended_max_batch_size(plan: Plan) -> int:
 def plan_from_options(model, gpu, precision, tp, kv_cache_dtype, max_seq_len, max_batch_size, prompt_len,
                       max_num_tokens, kv_fraction=None, memory_gib=None, bandwidth_gbs=None, tflops=None) -> Plan:
     """Resolve CLI-level names (model path, GPU profile, precision alias) into a Plan."""
-    from trtqwen.hardware import custom_profile, get_profile
-    from trtqwen.spec import parse_kv_dtype, parse_precision
+    from trtqwen.build.hardware import custom_profile, get_profile
+    from trtqwen.build.spec import parse_kv_dtype, parse_precision
 
     dims = QWEN25_7B if model is None else ModelDims.from_config_file(model)
     if gpu == "custom":

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from trtqwen.errors import UserError
-from trtqwen.manifest import read_manifest
+from trtqwen.build.manifest import read_manifest
 
 # Per quant_algo: minimum mean cosine, minimum top-1 agreement, maximum perplexity ratio (checkpoint / HF).
 # Trained weights (the default): just below what the trained Qwen2.5-Coder-0.5B measures (docs/PERFORMANCE.md §6);

@@ -1,0 +1,1 @@
+"""Everything before a model repository exists: spec, plan, fetch, quantize, export, engine build, verify."""

@@ -1,0 +1,85 @@
+"""The one reader of a TensorRT-LLM checkpoint directory (config.json + rank{i}.safetensors): the format every
+part shares. The build writes it; the runtime, the engine stage, the repository checks, verify and the UI read it
+here, and a checkpoint whose shards cannot be what its config says is refused here, in the TP rule's words.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from trtqwen.errors import UserError
+from trtqwen.precision import Precision, precision_of_algo
+from trtqwen.shape import ModelShape, check_tp
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    config: dict  # config.json as written (QWenConfig.to_dict())
+    shape: ModelShape  # the full model's
+    precision: Precision
+    quant_algo: str | None
+    kv_cache_quant_algo: str | None
+    group_size: int
+    tp: int
+    dtype: str
+
+    @property
+    def rank_files(self) -> list[Path]:
+        return [self.path / f"rank{r}.safetensors" for r in range(self.tp)]
+
+    def rank_file(self, rank: int) -> Path:
+        if not 0 <= rank < self.tp:
+            raise UserError(f"{self.path} has ranks 0..{self.tp - 1}, not rank {rank}")
+        return self.rank_files[rank]
+
+    @property
+    def rank_shape(self) -> ModelShape:
+        return self.shape.shard(self.tp, self.precision)
+
+
+def read_config(path: Path) -> dict:
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        raise UserError(f"{path} has no config.json",
+                        "pass an HF model directory or a TensorRT-LLM checkpoint written by `trtqwen build`")
+    try:
+        return json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{cfg} is not valid JSON ({e})", "rebuild it with `trtqwen build --force`") from None
+
+
+def is_trtllm_checkpoint(path: Path) -> bool:
+    """A TensorRT-LLM checkpoint (else an HF model directory)."""
+    cfg = read_config(path)
+    return "architecture" in cfg and "mapping" in cfg
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    path = Path(path)
+    cfg = read_config(path)
+    if "mapping" not in cfg:
+        raise UserError(f"{path} is not a TensorRT-LLM checkpoint (its config.json has no mapping)",
+                        "pass the checkpoint/ directory of a `trtqwen build` output")
+    shape = ModelShape.from_trtllm(cfg, name=path.parent.name if path.name == "checkpoint" else path.name)
+    q = cfg.get("quantization") or {}
+    mapping = cfg["mapping"]
+    world = mapping.get("world_size", 1)
+    tp = mapping.get("tp_size", world)
+    if mapping.get("pp_size", 1) != 1 or tp != world:
+        raise UserError(f"{path}: mapping has tp_size {tp}, pp_size {mapping.get('pp_size', 1)}, world_size {world}",
+                        "trtqwen builds and serves tensor parallelism only (pp_size 1): rebuild with `trtqwen build`")
+    ck = Checkpoint(path=path, config=cfg, shape=shape, precision=precision_of_algo(q.get("quant_algo")),
+                    quant_algo=q.get("quant_algo"), kv_cache_quant_algo=q.get("kv_cache_quant_algo"),
+                    group_size=q.get("group_size") or 128, tp=tp, dtype=cfg.get("dtype", "bfloat16"))
+    check_tp(shape, tp, ck.precision, ck.group_size)
+    present = sorted(path.glob("rank*.safetensors"))
+    if len(present) != tp:
+        raise UserError(f"{path}: config.json says world_size {world} (tp {tp}) but {len(present)} rank file(s) exist",
+                        "rebuild the checkpoint (`trtqwen build --force`) or copy the missing rank*.safetensors")
+    missing = [f.name for f in ck.rank_files if not f.is_file()]
+    if missing:
+        raise UserError(f"{path}: missing {', '.join(missing)}", "rebuild the checkpoint with `trtqwen build --force`")
+    return ck

@@ -1,8 +1,0 @@
-"""Triton model repository generator (tensorrtllm_backend layout) and the python models it ships."""
-
-from trtqwen.repo.checks import check_serving_versions
-from trtqwen.repo.generate import generate_repo
-from trtqwen.repo.record import check_repo_servable, read_record
-from trtqwen.repo.settings import RUNTIMES
-
-__all__ = ["RUNTIMES", "check_repo_servable", "check_serving_versions", "generate_repo", "read_record"]

@@ -1,0 +1,1 @@
+"""Serving: the Triton model repository (repo/) and tritonserver itself (server, supervisor)."""

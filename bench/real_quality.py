@@ -20,6 +20,7 @@ from rich.console import Console
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.real_model import make_real_model  # noqa: E402
 from trtqwen.build.pipeline import run_build  # noqa: E402
+from trtqwen.build.spec import BuildSpec
 from trtqwen.build.verify import verify  # noqa: E402
 
 # (precision, KV cache, calibration samples); AWQ at several sizes: its search is what a CPU waits for
@@ -40,7 +41,7 @@ def main() -> None:
     for precision, kv, calib in rows:
         out = args.work / f"{precision}-kv{kv}-calib{calib}"
         t0 = time.time()
-        run_build(model=str(model), precision=precision, kv_cache_dtype=kv, calib_size=calib, out=out,
+        run_build(BuildSpec.request(str(model), precision=precision, kv_cache_dtype=kv, calib_size=calib), out=out,
                   until="checkpoint", console=Console(stderr=True, quiet=True))
         build_s = time.time() - t0
         info = json.loads((out / "build.json").read_text())["stages"]["checkpoint"]["info"]

@@ -1,4 +1,4 @@
-"""Tensor parallel in the reference runtime on GPUs: one process per rank (runtime/tp.py) against TP 1.
+"""Tensor parallel in the reference runtime on GPUs: one process per rank (runtime/tp/) against TP 1.
 
 Run from the repository root on a machine with as many GPUs as the largest TP asked for:
     python bench/tp_gpu.py --tp 1,2,4 --json out.json

@@ -28,22 +28,10 @@ def tiny_tp_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def exported(tiny_tp_dir, tmp_path_factory):
-    """export(precision, tp, kv="auto") → checkpoint dir, each made once per test session."""
-    from trtqwen.build.quantize import export_checkpoint
-    from trtqwen.build.spec import BuildSpec
+    """exported(precision, tp, kv="auto") → checkpoint dir of the tiny-tp model; each (precision, kv) calibrated once."""
+    from tests.checkpoints import checkpoint_factory
 
-    root, cache = tmp_path_factory.mktemp("ckpt"), {}
-
-    def export(precision: str, tp: int, kv: str = "auto"):
-        key = (precision, tp, kv)
-        if key not in cache:
-            spec = BuildSpec(model=str(tiny_tp_dir), precision=precision, tp=tp, kv_cache_dtype=kv, calib_size=8,
-                             calib_seq_len=128)
-            out = root / f"{precision}-tp{tp}-kv{kv}"
-            cache[key] = (out, export_checkpoint(tiny_tp_dir, spec, out))
-        return cache[key][0]
-
-    return export
+    return checkpoint_factory(tiny_tp_dir, tmp_path_factory.mktemp("ckpt"), calib_size=8, calib_seq_len=128)
 
 
 def pytest_addoption(parser):
@@ -56,10 +44,11 @@ def pytest_addoption(parser):
 def served_tiny(tiny_dir, tmp_path_factory):
     """A real tritonserver serving the tiny model through the torch runtime: (grpc url, http url, repo)."""
     from trtqwen.build.pipeline import run_build
+    from trtqwen.build.spec import BuildSpec
     from trtqwen.serve.repo import generate_repo
 
     root = tmp_path_factory.mktemp("served")
-    run_build(model=str(tiny_dir), precision="bf16", out=root / "build", until="checkpoint")
+    run_build(BuildSpec.request(str(tiny_dir), precision="bf16"), out=root / "build", until="checkpoint")
     repo = generate_repo(root / "build", root / "repo", runtime="torch")
     with serving(repo) as (grpc, http, _):
         yield grpc, http, repo

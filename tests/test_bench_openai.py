@@ -30,11 +30,12 @@ def served(tiny_dir, tmp_path_factory):
 
     from trtqwen.serve import server
     from trtqwen.build.pipeline import run_build
+    from trtqwen.build.spec import BuildSpec
     from trtqwen.serve.repo import generate_repo
 
     root = tmp_path_factory.mktemp("bench")
     build = root / "build"
-    run_build(model=str(tiny_dir), precision="bf16", out=build, until="checkpoint", console=Console(file=io.StringIO()))
+    run_build(BuildSpec.request(str(tiny_dir), precision="bf16"), out=build, until="checkpoint", console=Console(file=io.StringIO()))
     repo = generate_repo(build, root / "repo", runtime="torch")
     ports = free_ports(3)
     try:

@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from trtqwen.build import pipeline as build_mod
+from trtqwen.build.spec import BuildSpec
 from trtqwen.cli import app
 from trtqwen.errors import UserError
 
@@ -122,7 +123,7 @@ def test_bad_models(tiny_dir, tmp_path):
 def test_not_enough_disk(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(build_mod, "free_bytes", lambda path: 10_000_000)
     with pytest.raises(UserError, match="not enough disk"):
-        build_mod.run_build(model=str(tiny_dir), out=tmp_path / "b")
+        build_mod.run_build(BuildSpec.request(str(tiny_dir)), out=tmp_path / "b")
     assert not (tmp_path / "b").exists()
 
 
@@ -153,7 +154,7 @@ def test_a_filling_disk_is_a_clear_error_and_leaves_nothing_that_looks_done(tiny
     others = sum(f.stat().st_size for f in tiny_dir.iterdir() if f.is_file() and f.suffix != ".safetensors")
     disk = small_disk(int(weights * 1.1 + others / 2))  # room for the weights, not for the tokenizer as well
     with pytest.raises(UserError, match="not enough disk"):
-        build_mod.run_build(model=str(tiny_dir), precision="bf16", out=disk / "b", until="checkpoint")
+        build_mod.run_build(BuildSpec.request(str(tiny_dir), precision="bf16"), out=disk / "b", until="checkpoint")
     monkeypatch.setattr(build_mod, "check_disk", lambda out, needed: None)  # the disk fills after the check
     r = run("--model", tiny_dir, "--precision", "bf16", "--until", "checkpoint", "--out", disk / "b")
     assert r.exit_code == 2 and "filled up" in r.output and "rerun" in r.output
@@ -198,3 +199,19 @@ def test_format_both_writes_the_unified_hf_checkpoint_too(tiny_dir, tmp_path):
     assert json.loads((hf / "hf_quant_config.json").read_text())["quantization"]["quant_algo"] == "FP8"
     assert (hf / "model.safetensors").is_file() and (hf / "tokenizer.json").is_file()
     assert (tmp_path / "b" / "checkpoint" / "rank0.safetensors").is_file()
+
+
+def test_calib_gpu_memory_cap_reaches_calibration_from_the_option_or_the_environment(tiny_dir, tmp_path, monkeypatch):
+    """--calib-gpu-memory (or TRTQWEN_CALIB_GPU_MEMORY) is handed to the cap before the model is loaded; on a CPU
+    the cap itself does nothing (torch.cuda.set_per_process_memory_fraction needs a GPU: measured on the H200)."""
+    from trtqwen.build import quantize
+
+    caps = []
+    monkeypatch.setattr(quantize, "cap_gpu_memory", lambda gib, say=None: caps.append(gib))
+    r = run("--model", tiny_dir, "--precision", "bf16", "--until", "checkpoint", "--out", tmp_path / "a",
+            "--calib-gpu-memory", "24")
+    assert r.exit_code == 0, r.output
+    monkeypatch.setenv("TRTQWEN_CALIB_GPU_MEMORY", "20.5")
+    r = run("--model", tiny_dir, "--precision", "bf16", "--until", "checkpoint", "--out", tmp_path / "b")
+    assert r.exit_code == 0, r.output
+    assert caps == [24.0, 20.5]

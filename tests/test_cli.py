@@ -54,7 +54,7 @@ def test_plan_table_has_a_verdict_and_build_command():
         (["plan", "--gpu", "rtx9090"], "unknown GPU profile"),
         (["plan", "--precision", "fp8", "--gpu", "a100-80g"], "FP8"),
         (["plan", "--max-seq-len", "100000"], "exceeds"),
-        (["plan", "--model", "/nonexistent/dir"], "no model config"),
+        (["plan", "--model", "/nonexistent/dir"], "has no config.json"),
         (["plan", "--gpu", "custom"], "--memory-gib"),
     ],
 )
@@ -67,7 +67,8 @@ def test_plan_bad_input(args, needle):
 
 def test_plan_that_does_not_fit_exits_1(tmp_path):
     cfg = {"architectures": ["Qwen2ForCausalLM"], "vocab_size": 152064, "hidden_size": 8192, "num_hidden_layers": 80,
-           "num_attention_heads": 64, "num_key_value_heads": 8, "intermediate_size": 29568, "max_position_embeddings": 32768}
+           "num_attention_heads": 64, "num_key_value_heads": 8, "intermediate_size": 29568, "max_position_embeddings": 32768,
+           "rope_theta": 1e6}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     r = runner.invoke(app, ["plan", "--model", str(tmp_path), "--precision", "bf16"])
     assert r.exit_code == 1 and "does not fit" in r.output

@@ -18,6 +18,8 @@ import pytest
 
 from trtqwen.build import trtllm_build as engine
 from trtqwen.errors import UserError
+from tests.checkpoints import write_checkpoint
+from trtqwen.serve.repo.checks import check_engine_compatible
 from trtqwen.build.spec import BuildSpec, KvDtype, Precision
 
 FLAGS = json.loads((Path(__file__).parent / "data" / "trtllm_build_flags.json").read_text())
@@ -205,8 +207,7 @@ for ((i = 0; i < ${FAKE_RANKS:-$n}; i++)); do echo engine > "$out/rank$i.engine"
 
 def _build_dir(root: Path, spec: BuildSpec) -> Path:
     d = root / "build"
-    (d / "checkpoint").mkdir(parents=True)
-    (d / "checkpoint" / "config.json").write_text(json.dumps({"mapping": {"world_size": spec.tp, "tp_size": spec.tp}}))
+    write_checkpoint(d / "checkpoint", spec)
     (d / "build.sh").write_text(engine.build_script(spec, Path("checkpoint"), Path("engine")))
     return d
 
@@ -228,7 +229,7 @@ def test_build_sh_builds_into_partial_then_renames_and_records_versions(tmp_path
     record = json.loads((d / "engine" / engine.ENGINE_RECORD).read_text())
     assert record == engine.engine_record({"tensorrt_llm": "1.2.1", "tensorrt": "10.14.1.48", "cuda": "13.1"},
                                           {"name": "NVIDIA GeForce RTX 4090 D", "compute_capability": "8.9"})
-    engine.check_engine_compatible(record, dict(record))
+    check_engine_compatible(record, dict(record))
     ran = (tmp_path / "args").read_text().split("\n")[:-1]
     assert ["trtllm-build", *ran] == engine.trtllm_build_command(spec, Path("checkpoint"), Path("engine.partial"))
     assert "building into engine.partial" in (d / engine.BUILD_LOG).read_text()
@@ -394,15 +395,15 @@ def test_engine_record_normalises_the_gpu():
 
 def test_version_gate_names_both_versions():
     built = {"tensorrt_llm": "1.2.1", "tensorrt": "10.14.1.48", "cuda": "13.1", "compute_capability": "8.9"}
-    engine.check_engine_compatible(built, dict(built))
-    engine.check_engine_compatible(built, {**built, "compute_capability": "sm_89", "cuda": "13.0"})  # same SM
+    check_engine_compatible(built, dict(built))
+    check_engine_compatible(built, {**built, "compute_capability": "sm_89", "cuda": "13.0"})  # same SM
     with pytest.raises(UserError, match=r"TensorRT-LLM: built with 1\.2\.1, this machine has 1\.1\.0") as e:
-        engine.check_engine_compatible(built, {**built, "tensorrt_llm": "1.1.0"})
+        check_engine_compatible(built, {**built, "tensorrt_llm": "1.1.0"})
     assert "Version tag does not match" in str(e.value) and "build.sh" in str(e.value)
     with pytest.raises(UserError, match=r"TensorRT: built with 10\.14\.1\.48, this machine has 10\.13\.3\.9"):
-        engine.check_engine_compatible(built, {**built, "tensorrt": "10.13.3.9"})
+        check_engine_compatible(built, {**built, "tensorrt": "10.13.3.9"})
     with pytest.raises(UserError, match=r"8\.9 \(sm_89\), this machine has 9\.0 \(sm_90\)"):
-        engine.check_engine_compatible(built, {**built, "compute_capability": "9.0"})
+        check_engine_compatible(built, {**built, "compute_capability": "9.0"})
     with pytest.raises(UserError) as both:
-        engine.check_engine_compatible(built, {**built, "tensorrt_llm": "1.1.0", "tensorrt": "10.13.3.9"})
+        check_engine_compatible(built, {**built, "tensorrt_llm": "1.1.0", "tensorrt": "10.13.3.9"})
     assert "1.1.0" in str(both.value) and "10.13.3.9" in str(both.value)

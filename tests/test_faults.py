@@ -25,9 +25,10 @@ def stub_pids(repo: Path, model: str) -> list[int]:
 @pytest.fixture
 def own_server(tiny_dir, tmp_path):
     from trtqwen.build.pipeline import run_build
+    from trtqwen.build.spec import BuildSpec
     from trtqwen.serve.repo import generate_repo
 
-    run_build(model=str(tiny_dir), precision="bf16", out=tmp_path / "build", until="checkpoint")
+    run_build(BuildSpec.request(str(tiny_dir), precision="bf16"), out=tmp_path / "build", until="checkpoint")
     repo = generate_repo(tmp_path / "build", tmp_path / "repo", runtime="torch")
     with serving(repo, ["ensemble"]) as (grpc, _, ports):
         yield grpc, repo, ports

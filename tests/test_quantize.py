@@ -17,10 +17,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from trtqwen.build import quantize
+from tests.checkpoints import checkpoint_factory
 from trtqwen.build.calib import bundled_path, load_calibration_texts
 from trtqwen.errors import UserError
 from trtqwen.build.spec import BuildSpec
-from trtqwen.build.trtllm_config import qwen_checkpoint_config, rope_theta, rotary_scaling
+from trtqwen.build.trtllm_config import qwen_checkpoint_config, rotary_scaling
+from trtqwen.shape import rope_theta
 
 FIELDS = json.loads((Path(__file__).parent / "data" / "trtllm_qwen_config_fields.json").read_text())
 ALGO = FIELDS["quant_algo_by_precision"]
@@ -72,24 +74,9 @@ def hf_config(model_dir) -> dict:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(model_dir, hf_config, tmp_path_factory):
+def checkpoint(model_dir, tmp_path_factory):
     """checkpoint(precision, tp, kv="auto") → directory; each (precision, kv) is calibrated once, each tp written once."""
-    root, quantized, written = tmp_path_factory.mktemp("ckpt"), {}, {}
-    tokenizer = quantize.load_tokenizer(model_dir)
-
-    def get(precision: str, tp: int, kv: str = "auto") -> Path:
-        spec = BuildSpec(model=str(model_dir), precision=precision, tp=tp, kv_cache_dtype=kv, **CALIB)
-        if (precision, kv) not in quantized:
-            model = quantize.load_hf_model(model_dir, spec, "cpu")
-            quantize.quantize_model(model, tokenizer, spec)
-            quantized[precision, kv] = model
-        if (precision, tp, kv) not in written:
-            out = root / f"{precision}-tp{tp}-kv{kv}"
-            quantize.write_checkpoint(quantized[precision, kv], hf_config, spec, out)
-            written[precision, tp, kv] = out
-        return written[precision, tp, kv]
-
-    return get
+    return checkpoint_factory(model_dir, tmp_path_factory.mktemp("ckpt"), **CALIB)
 
 
 def tensors(path: Path) -> dict[str, tuple[tuple, str]]:
@@ -410,30 +397,6 @@ def test_awq_shape_that_cannot_shard_is_refused_before_loading(tmp_path, monkeyp
         quantize.export_checkpoint(d, BuildSpec(model="m", precision="int4_awq", tp=4), tmp_path / "out")
     assert "--tp 2" in str(e.value) and "int4_wo" in str(e.value)
     assert not (tmp_path / "out").exists()
-
-
-def test_awq_shardability_rules():
-    ok = dict(BASE_HF)  # Qwen2.5-7B: 3584/4 = 7 × 128, 18944/4 = 37 × 128
-    for tp in (1, 2, 4):
-        quantize.check_shardable(ok, BuildSpec(model="m", precision="int4_awq", tp=tp))
-    small = {**BASE_HF, "hidden_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
-             "intermediate_size": 384}
-    quantize.check_shardable(small, BuildSpec(model="m", precision="int4_awq", tp=1))
-    with pytest.raises(UserError, match="multiple of the group size 128"):
-        quantize.check_shardable(small, BuildSpec(model="m", precision="int4_awq", tp=2))
-    odd_hidden = {**BASE_HF, "hidden_size": 384, "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 128,
-                  "intermediate_size": 1536}  # ModelOpt checks hidden / TP for column-parallel layers too
-    with pytest.raises(UserError, match="column-parallel.*192 input channels"):
-        quantize.check_shardable(odd_hidden, BuildSpec(model="m", precision="int4_awq", tp=2))
-
-
-def test_kv_head_rules():
-    two_kv = {**BASE_HF, "num_attention_heads": 4, "num_key_value_heads": 2}
-    for precision in ("bf16", "fp8", "int4_wo"):  # ModelOpt duplicates KV heads when tp is a multiple of them
-        quantize.check_shardable(two_kv, BuildSpec(model="m", precision=precision, tp=4))
-    with pytest.raises(UserError, match="SmoothQuant cannot duplicate KV heads") as e:
-        quantize.check_shardable(two_kv, BuildSpec(model="m", precision="int8_sq", tp=4))
-    assert "--tp 1 or 2" in str(e.value)
 
 
 def test_missing_weights_or_tokenizer_are_user_errors(tmp_path, model_dir):

@@ -6,6 +6,8 @@ Marked `real`: `make test-real` runs them (not `make test`: the model takes ~2 m
 import pytest
 
 from trtqwen.build.pipeline import run_build
+
+from trtqwen.build.spec import BuildSpec
 from trtqwen.build.verify import verify
 
 pytestmark = pytest.mark.real
@@ -25,7 +27,7 @@ def built(real_dir, tmp_path_factory):
     def build(precision: str, tp: int = 1, kv: str = "auto"):
         if (precision, tp, kv) not in cache:
             out = root / f"{precision}-tp{tp}-kv{kv}"
-            run_build(model=str(real_dir), precision=precision, tp=tp, kv_cache_dtype=kv, out=out, until="checkpoint")
+            run_build(BuildSpec.request(str(real_dir), precision=precision, tp=tp, kv_cache_dtype=kv), out=out, until="checkpoint")
             cache[precision, tp, kv] = out / "checkpoint"
         return cache[precision, tp, kv]
 
@@ -70,7 +72,7 @@ def test_planted_corruptions_fail_on_trained_weights(built, real_dir, tmp_path, 
 def test_static_activation_scales_are_what_broke_it(built, real_dir, monkeypatch):
     """The same checkpoint with one static scale per tensor (ModelOpt's W8A8_SQ_PER_CHANNEL arithmetic) loses badly:
     the per-token emulation is what makes the difference, not a lucky export."""
-    import trtqwen.runtime.layers as layers
+    import trtqwen.runtime.layers.quant as layers
 
     ck = built("int8_sq")
     static = {}

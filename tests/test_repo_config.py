@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import yaml
 
+from tests.checkpoints import write_checkpoint
+from trtqwen.build.spec import BuildSpec
 from trtqwen.errors import UserError
-from trtqwen.serve.repo import check_repo_servable, check_serving_versions, generate_repo, read_record
+from trtqwen.serve.repo import check_engine_compatible, check_repo_servable, generate_repo, read_record
 from trtqwen.serve.repo import generate as generate_module
 from trtqwen.serve.repo.configs import from_pbtxt
 from trtqwen.serve.repo.interface import MODELS
@@ -65,9 +67,7 @@ def make_build(root: Path, spec: dict | None = None, ckpt_tp: int | None = None,
     """A build directory as `trtqwen build` writes it, without weights (the config tests never load them)."""
     spec = {**SPEC, **(spec or {})}
     tp = spec["tp"] if ckpt_tp is None else ckpt_tp
-    (root / "checkpoint").mkdir(parents=True)
-    (root / "checkpoint" / "config.json").write_text(json.dumps(
-        {"architecture": "Qwen2ForCausalLM", "mapping": {"world_size": tp, "tp_size": tp, "pp_size": 1}}))
+    write_checkpoint(root / "checkpoint", BuildSpec.from_dict(spec), tp=tp)
     (root / "tokenizer").mkdir()
     (root / "tokenizer" / "tokenizer.json").write_text(json.dumps({"added_tokens": [
         {"id": 151643, "content": "<|endoftext|>"}, {"id": 151644, "content": "<|im_start|>"},
@@ -113,7 +113,7 @@ def build(tmp_path):
 @pytest.mark.parametrize("runtime", ["torch", "trtllm", "llmapi"])
 def test_five_models_for_each_runtime(tmp_path, runtime):
     b = make_build(tmp_path / "b", engine="1.2.1", hf_dir=True)
-    repo = generate_repo(b, tmp_path / "repo", runtime=runtime, serving_tensorrt_llm="1.2.1")
+    repo = generate_repo(b, tmp_path / "repo", runtime=runtime, serving={"tensorrt_llm": "1.2.1"})
     cfgs = configs(repo)  # every config.pbtxt parses back into ModelConfig
     assert {c.name for c in cfgs.values()} == set(MODELS)
     for m in MODELS:
@@ -155,7 +155,7 @@ def test_tensor_names_and_types_match_tensorrtllm_backend(build, tmp_path):
 def test_ensemble_wiring_is_consistent(tmp_path, runtime):
     """Each step reads only ensemble inputs or earlier steps' outputs, through names its model declares."""
     b = make_build(tmp_path / "b", engine="1.2.1", hf_dir=True)
-    cfgs = configs(generate_repo(b, tmp_path / "repo", runtime=runtime, serving_tensorrt_llm=None))
+    cfgs = configs(generate_repo(b, tmp_path / "repo", runtime=runtime, serving={}))
     ens = cfgs["ensemble"]
     available = {t.name for t in ens.input}
     steps = [s.model_name for s in ens.ensemble_scheduling.step]
@@ -175,7 +175,7 @@ def test_ensemble_wiring_is_consistent(tmp_path, runtime):
 
 def test_tensorrt_llm_parameters_are_the_backends_keys(tmp_path):
     b = make_build(tmp_path / "b", engine="1.2.1")
-    cfgs = configs(generate_repo(b, tmp_path / "repo", runtime="trtllm", serving_tensorrt_llm="1.2.1"))
+    cfgs = configs(generate_repo(b, tmp_path / "repo", runtime="trtllm", serving={"tensorrt_llm": "1.2.1"}))
     trt = cfgs["tensorrt_llm"]
     p = params(trt)
     assert set(p) <= CPP_BACKEND_PARAMETERS
@@ -233,11 +233,11 @@ def test_options_override_the_build(build, tmp_path):
 
 def test_trtllm_instances_use_orchestrator_gpu_groups(tmp_path):
     b = make_build(tmp_path / "b", spec={"tp": 2}, engine="1.2.1")
-    repo = generate_repo(b, tmp_path / "repo", runtime="trtllm", instances=2, serving_tensorrt_llm="1.2.1")
+    repo = generate_repo(b, tmp_path / "repo", runtime="trtllm", instances=2, serving={"tensorrt_llm": "1.2.1"})
     assert params(configs(repo)["tensorrt_llm"])["gpu_device_ids"] == "0,1;2,3"
     record = read_record(repo)
     assert record["serve"]["world_size"] == 1 and record["serve"]["env"] == {"TRTLLM_ORCHESTRATOR": "1"}
-    repo1 = generate_repo(b, tmp_path / "repo1", runtime="trtllm", serving_tensorrt_llm="1.2.1")
+    repo1 = generate_repo(b, tmp_path / "repo1", runtime="trtllm", serving={"tensorrt_llm": "1.2.1"})
     assert read_record(repo1)["serve"]["world_size"] == 2  # leader mode: mpirun, one rank per GPU
 
 
@@ -263,26 +263,26 @@ def test_refuses_trtllm_without_a_built_engine(build, tmp_path):
 def test_refuses_an_engine_from_another_tensorrt_llm(tmp_path):
     b = make_build(tmp_path / "b", engine="1.2.1")
     with pytest.raises(UserError) as e:
-        generate_repo(b, tmp_path / "repo", runtime="trtllm", serving_tensorrt_llm="1.3.0rc2")
+        generate_repo(b, tmp_path / "repo", runtime="trtllm", serving={"tensorrt_llm": "1.3.0rc2"})
     assert "1.2.1" in str(e.value) and "1.3.0rc2" in str(e.value)
     with pytest.raises(UserError, match="1.1.0.*1.2.1"):
-        check_serving_versions("1.1.0", "1.2.1")
-    check_serving_versions("1.2.1", "1.2.1")
-    check_serving_versions("1.2.1", None)  # TensorRT-LLM absent here: `serve` checks again where it runs
+        check_engine_compatible({"tensorrt_llm": "1.1.0"}, {"tensorrt_llm": "1.2.1"})
+    check_engine_compatible({"tensorrt_llm": "1.2.1"}, {"tensorrt_llm": "1.2.1"})
+    check_engine_compatible({"tensorrt_llm": "1.2.1"}, {})  # TensorRT-LLM absent here: `serve` checks again where it runs
 
 
 def test_serving_version_is_read_lazily_from_the_installed_tensorrt_llm(tmp_path, monkeypatch):
     b = make_build(tmp_path / "b", engine="1.2.1")
-    monkeypatch.setattr("trtqwen.serve.repo.checks.serving_tensorrt_llm_version", lambda: "1.0.0")
+    monkeypatch.setattr("trtqwen.serve.repo.checks.serving_environment", lambda: {"tensorrt_llm": "1.0.0"})
     with pytest.raises(UserError, match="1.2.1.*1.0.0"):
         generate_repo(b, tmp_path / "repo", runtime="trtllm")
-    monkeypatch.setattr("trtqwen.serve.repo.checks.serving_tensorrt_llm_version", lambda: None)
+    monkeypatch.setattr("trtqwen.serve.repo.checks.serving_environment", lambda: {})
     repo = generate_repo(b, tmp_path / "repo", runtime="trtllm")
     assert read_record(repo)["versions"]["tensorrt_llm"] == "1.2.1"
     assert any("serve" in n for n in read_record(repo)["notes"])
     with pytest.raises(UserError, match="1.2.1.*1.3.0"):
-        check_repo_servable(repo, serving="1.3.0")
-    assert check_repo_servable(repo, serving="1.2.1")["runtime"] == "trtllm"
+        check_repo_servable(repo, serving={"tensorrt_llm": "1.3.0"})
+    assert check_repo_servable(repo, serving={"tensorrt_llm": "1.2.1"})["runtime"] == "trtllm"
 
 
 def test_refuses_tp_mismatch(tmp_path):
@@ -300,7 +300,7 @@ def test_refuses_unknown_runtime(build, tmp_path):
 def test_refuses_bad_options(tmp_path):
     b = make_build(tmp_path / "b", engine="1.2.1")
     with pytest.raises(UserError, match="larger than the 48"):
-        generate_repo(b, tmp_path / "r", runtime="trtllm", max_batch_size=64, serving_tensorrt_llm=None)
+        generate_repo(b, tmp_path / "r", runtime="trtllm", max_batch_size=64, serving={})
     with pytest.raises(UserError, match="kv_cache_free_gpu_mem_fraction"):
         generate_repo(b, tmp_path / "r", kv_cache_free_gpu_mem_fraction=1.5)
     with pytest.raises(UserError, match="llmapi"):
@@ -331,7 +331,7 @@ def test_a_failed_write_leaves_nothing_behind(build, tmp_path, monkeypatch):
 def test_llmapi_model_yaml_keys_are_nvidias_and_llm_args(tmp_path, monkeypatch):
     monkeypatch.setattr("trtqwen.serve.repo.llmapi.find_llmapi_model_code", lambda explicit=None: None)
     b = make_build(tmp_path / "b", spec={"tp": 2}, ckpt_tp=2, hf_dir=True)
-    repo = generate_repo(b, tmp_path / "repo", runtime="llmapi", serving_tensorrt_llm=None)
+    repo = generate_repo(b, tmp_path / "repo", runtime="llmapi", serving={})
     ours = yaml.safe_load((repo / "tensorrt_llm" / "1" / "model.yaml").read_text())
     theirs = yaml.safe_load((DATA / "llmapi_model.yaml").read_text())
     assert set(theirs) <= set(ours)
@@ -355,7 +355,7 @@ def test_llmapi_model_code_is_copied_when_found(tmp_path):
     src.mkdir()
     (src / "model.py").write_text("# NVIDIA's\n")
     (src / "helpers.py").write_text("# NVIDIA's\n")
-    repo = generate_repo(b, tmp_path / "repo", runtime="llmapi", llmapi_model_src=src, serving_tensorrt_llm=None)
+    repo = generate_repo(b, tmp_path / "repo", runtime="llmapi", llmapi_model_src=src, serving={})
     assert (repo / "tensorrt_llm" / "1" / "model.py").read_text() == "# NVIDIA's\n"
     assert (repo / "tensorrt_llm" / "1" / "helpers.py").is_file() and not read_record(repo)["notes"]
 
@@ -365,7 +365,7 @@ def test_llmapi_falls_back_to_the_source_model(tmp_path):
     src = tmp_path / "b" / "nowhere"
     src.mkdir()
     (src / "config.json").write_text("{}")
-    repo = generate_repo(b, tmp_path / "repo", runtime="llmapi", serving_tensorrt_llm=None)
+    repo = generate_repo(b, tmp_path / "repo", runtime="llmapi", serving={})
     assert yaml.safe_load((repo / "tensorrt_llm" / "1" / "model.yaml").read_text())["model"] == str(src.resolve())
 
 
@@ -442,7 +442,7 @@ def test_cumulative_text_becomes_clean_deltas():
 def test_kv_reuse_and_chunked_context_follow_the_engine(tmp_path, kv, precision, on):
     """Engines without paged context FMHA (INT8 KV, FP8 KV without FP8 weights) can't reuse KV or chunk context."""
     b = make_build(tmp_path / "b", spec={"kv_cache_dtype": kv, "precision": precision}, engine="1.2.1")
-    repo = generate_repo(b, tmp_path / "repo", runtime="trtllm", serving_tensorrt_llm="1.2.1")
+    repo = generate_repo(b, tmp_path / "repo", runtime="trtllm", serving={"tensorrt_llm": "1.2.1"})
     params = from_pbtxt((repo / "tensorrt_llm" / "config.pbtxt").read_text()).parameters
     want = "true" if on else "false"
     assert params["enable_kv_cache_reuse"].string_value == want
@@ -465,3 +465,29 @@ def test_python_models_refuse_numpy2_under_the_wheels_stub(monkeypatch):
         text.check_stub_numpy()
     monkeypatch.setattr(np, "__version__", "1.26.4")
     text.check_stub_numpy()
+
+
+def test_serve_refuses_an_engine_built_for_another_gpu_or_tensorrt_naming_both(tmp_path, monkeypatch):
+    """`trtqwen serve` (the CLI, before any tritonserver starts) refuses an engine built on an sm_89 4090D when this
+    machine's GPU is an sm_90 H100, or its TensorRT another one, and says both sides."""
+    from typer.testing import CliRunner
+
+    from trtqwen.cli import app
+
+    b = make_build(tmp_path / "b", engine="1.2.1")
+    record = {"tensorrt_llm": "1.2.1", "tensorrt": "10.14.1.48", "gpu": "NVIDIA GeForce RTX 4090 D", "compute_capability": "8.9"}
+    (b / "engine" / "engine_versions.json").write_text(json.dumps(record))
+    repo = generate_repo(b, tmp_path / "repo", runtime="trtllm", serving={"tensorrt_llm": "1.2.1"})
+    assert read_record(repo)["versions"]["engine"]["compute_capability"] == "8.9"
+    started = []
+    monkeypatch.setattr("trtqwen.serve.server.start",
+                        lambda *a, **k: started.append(a) or {"server": "stand-in", "log": "-", "pid": 0})
+    for here, needles in [({"tensorrt_llm": "1.2.1", "compute_capability": "9.0"}, ["8.9 (sm_89)", "9.0 (sm_90)"]),
+                          ({"tensorrt_llm": "1.2.1", "tensorrt": "10.13.3.9"}, ["10.14.1.48", "10.13.3.9"])]:
+        monkeypatch.setattr("trtqwen.serve.repo.checks.serving_environment", lambda here=here: here)
+        r = CliRunner().invoke(app, ["serve", str(repo), "--background"])
+        assert r.exit_code == 2 and all(n in r.output for n in needles) and "build.sh" in r.output, r.output
+    assert not started
+    monkeypatch.setattr("trtqwen.serve.repo.checks.serving_environment", lambda: {**record, "compute_capability": "8.9"})
+    r = CliRunner().invoke(app, ["serve", str(repo), "--background"])
+    assert started and r.exit_code == 0, r.output  # the same engine on the same architecture and versions starts

@@ -8,7 +8,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from trtqwen.errors import UserError
 from trtqwen.runtime import LLMEngine, SamplingParams, load_model
-from trtqwen.runtime.sampling import sample, uniform_noise
+from trtqwen.runtime.layers.sampler import sample, uniform_noise
 
 VOCAB = 512
 
@@ -81,9 +81,9 @@ def test_continuous_batching_staggered_equals_alone(model):
             reqs.append(eng.add(p, SamplingParams(max_tokens=n, top_k=1, end_id=None)))
         finished = eng.step()
         for r in finished:  # finished sequences leave at once: slot freed in the same step
-            assert r.slot not in eng.running or eng.running[r.slot] is not r
-        assert all(not r.finished for r in eng.running.values())
-        max_running = max(max_running, len(eng.running))
+            assert r.slot not in eng.scheduler.running or eng.scheduler.running[r.slot] is not r
+        assert all(not r.finished for r in eng.scheduler.running.values())
+        max_running = max(max_running, len(eng.scheduler.running))
         step += 1
     assert max_running == 6  # the batch really was full at times
     assert [r.output for r in reqs] == alone
@@ -159,7 +159,7 @@ def test_streaming_callbacks_and_cancellation(model):
     assert r.finish_reason == "cancelled" and 3 <= len(r.output) < 50
     assert [t for t, _ in events[:-1]] == r.output and events[-1] == (None, "cancelled")
     assert other.finish_reason == "length" and len(other.output) == 10
-    assert not eng.running and sorted(eng.free_slots) == [0, 1]
+    assert not eng.scheduler.running and sorted(eng.scheduler.free_slots) == [0, 1]
 
 
 def test_sequence_limit_and_bad_requests(model):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from trtqwen.runtime import LLMEngine, SamplingParams, load_model
-from trtqwen.runtime.cuda_graphs import batch_buckets, kv_buckets
-from trtqwen.runtime.layers import Int4Linear
+from trtqwen.runtime.engine.model_runner import batch_buckets, kv_buckets
+from trtqwen.runtime.layers.linear import Int4Linear
 from trtqwen.runtime.random_model import SMALL, random_model
 
 GREEDY = SamplingParams(max_tokens=40, top_k=1, end_id=None)
@@ -83,7 +83,7 @@ def test_batched_fresh_prefill_equals_alone(tiny_model):
 
 
 def test_length_groups_bound_padding():
-    from trtqwen.runtime.engine import Request, length_groups
+    from trtqwen.runtime.engine.scheduler import Request, length_groups
 
     reqs = [Request(list(range(n)), SamplingParams()) for n in (5, 6, 7, 8, 400, 410, 3000)]
     groups = [[len(r.prompt) for r in g] for g in length_groups(reqs)]

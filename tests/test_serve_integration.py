@@ -24,12 +24,12 @@ from conftest import free_ports, infer_input, started_together
 from trtqwen.serve import server
 from trtqwen.serve.repo import generate_repo
 from trtqwen.serve.repo.interface import MODELS
+from trtqwen.qwen_tokenizer import EOS_ID
 
 pytestmark = pytest.mark.slow
 
 PROMPT_CJK, ANSWER_CJK = "你好，世界", "中文好。"
 PROMPT_EN, LOOP_EN = "Say hello", ["Hello", " world", "!"]
-IM_END = 151645
 SPEC = dict(model="tiny", precision="bf16", tp=1, gpu="rtx4090d", kv_cache_dtype="auto", max_batch_size=64,
             max_input_len=64, max_seq_len=512, max_num_tokens=256)
 
@@ -68,7 +68,7 @@ def make_scripted_build(root: Path) -> Path:
     tiny = make_tiny(root / "tiny", preset="tiny")
     tok = AutoTokenizer.from_pretrained(tiny)
     b2u = bytes_to_unicode()
-    cjk = [tok.encode(PROMPT_CJK)[-1]] + [tok.convert_tokens_to_ids(b2u[b]) for b in ANSWER_CJK.encode()] + [IM_END]
+    cjk = [tok.encode(PROMPT_CJK)[-1]] + [tok.convert_tokens_to_ids(b2u[b]) for b in ANSWER_CJK.encode()] + [EOS_ID]
     assert all(len(tok.encode(w)) == 1 for w in LOOP_EN)
     loop = [tok.encode(PROMPT_EN)[-1]] + [tok.encode(w)[0] for w in LOOP_EN]
     loop.append(loop[1])  # "!" → "Hello": round and round

@@ -1,4 +1,4 @@
-"""Tensor parallel as one process per rank (runtime/tp.py), on CPU over gloo: equal to the merged (TP 1) model.
+"""Tensor parallel as one process per rank (runtime/tp/), on CPU over gloo: equal to the merged (TP 1) model.
 
 Each rank process loads only its rank{i}.safetensors; rank 0 drives the others with commands. Logits and
 greedy tokens must equal what the merged checkpoint gives, for 16-bit and quantized checkpoints; a dead rank
@@ -29,7 +29,7 @@ PROMPTS = [[1, 2, 3], list(range(200, 290)), [151000 + i for i in range(20)], [5
 def rank_pids_for(path: Path) -> list[int]:
     """Live rank processes started for this checkpoint (their command line names it)."""
     where = str(Path(path).resolve()).encode()
-    return [pid for pid, cmd in processes() if b"trtqwen.runtime.tp" in cmd and where in b" ".join(cmd)]
+    return [pid for pid, cmd in processes() if b"trtqwen.runtime.tp.worker" in cmd and where in b" ".join(cmd)]
 
 
 @pytest.mark.parametrize("precision,tp", [("bf16", 2), ("bf16", 4), ("int8_sq", 2), ("fp8", 2), ("int4_awq", 2),
@@ -76,7 +76,7 @@ def test_load_rank_has_the_shard_dims(exported):
     full = load_trtllm(path)
     shard = load_rank(path, 3)
     c = shard.cfg
-    assert (c.num_heads, c.num_kv_heads, c.intermediate_size, c.tp_size) == (1, 1, 384, 4)
+    assert (c.num_heads, c.num_kv_heads, c.intermediate_size, shard.tp_size) == (1, 1, 384, 4)
     assert shard.embed.shape[0] == shard.lm_head.weight.shape[0] == -(-full.cfg.vocab_size // 4)
     assert torch.equal(shard.layers[0].down.weight, full.layers[0].down.weight[:, 3 * 384:])  # row-parallel: along in
     assert shard.layers[0].qkv.weight.shape[0] == 3 * 128  # [q_r; k_r; v_r] of one head each
@@ -144,12 +144,13 @@ def served(tiny_tp_dir, tmp_path_factory):
     from conftest import started_together  # here, not at the top: rank workers import this module too
     from trtqwen.serve import server
     from trtqwen.build.pipeline import run_build
+    from trtqwen.build.spec import BuildSpec
     from trtqwen.serve.repo import generate_repo
 
     root = tmp_path_factory.mktemp("served_tp")
 
     for tp in PORTS:
-        run_build(model=str(tiny_tp_dir), precision="bf16", tp=tp, out=root / f"build{tp}", until="checkpoint")
+        run_build(BuildSpec.request(str(tiny_tp_dir), precision="bf16", tp=tp), out=root / f"build{tp}", until="checkpoint")
 
     def start(tp):
         repo = generate_repo(root / f"build{tp}", root / f"repo{tp}", runtime="torch")

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from trtqwen.cli import app
 from trtqwen.errors import UserError
 from trtqwen.runtime import LLMEngine, SamplingParams, load_model
-from trtqwen.build.verify import TABLES, verify
+from trtqwen.build.verify import thresholds_for, verify
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
@@ -151,11 +151,9 @@ def test_tiny_greedy_matches_transformers_generate(tiny_dir):
         assert r.output == want[0, len(p):].tolist()
 
 
-def test_thresholds_cover_every_precision():
-    from trtqwen.build.spec import PRECISIONS
-    from trtqwen.build.trtllm_config import WEIGHT_ONLY
+def test_trained_thresholds_are_stricter_than_random_weight_ones():
+    from trtqwen.precision import PRECISIONS
 
-    algos = {info.quant_algo for p, info in PRECISIONS.items() if p not in WEIGHT_ONLY} | set(WEIGHT_ONLY.values())
-    assert all(algos <= set(table) for table in TABLES.values())
-    for algo, (cos, top1, _) in TABLES["trained"].items():  # peaked trained logits: top-1 and cosine hold better
-        assert cos >= TABLES["random-weights"][algo][0] and top1 >= TABLES["random-weights"][algo][1], algo
+    for precision, info in PRECISIONS.items():  # peaked trained logits: top-1 and cosine hold better
+        assert info.trained[0] >= info.random_weights[0] and info.trained[1] >= info.random_weights[1], precision
+        assert thresholds_for(precision, "FP8")["cosine_mean"] < thresholds_for(precision, None)["cosine_mean"]

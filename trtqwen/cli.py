@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import json
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
+from trtqwen.clients.client import DEFAULT_MAX_TOKENS
 from trtqwen.errors import UserError
+from trtqwen.precision import KvDtype, Precision, parse_kv_dtype, parse_precision
 from trtqwen.qwen_tokenizer import DEFAULT_SYSTEM
 
 app = typer.Typer(
@@ -31,18 +32,47 @@ def fail(e: UserError) -> None:
     raise typer.Exit(2)
 
 
-# Options several client commands share.
+def command(fn):
+    """app.command() whose UserError becomes the message and its hint (exit 2), never a traceback."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            fail(e)
+    return app.command()(run)
+
+
+def _precision(value: str) -> Precision:
+    try:
+        return parse_precision(value)
+    except UserError as e:
+        raise typer.BadParameter(f"{e.message}; {e.hint}") from None
+
+
+def _kv_dtype(value: str) -> KvDtype:
+    try:
+        return parse_kv_dtype(value)
+    except UserError as e:
+        raise typer.BadParameter(f"{e.message}; {e.hint}") from None
+
+
+# Options several commands share: the precision and KV dtype arrive as enums (aliases such as int4 accepted).
+PRECISION = typer.Option("int4_awq", "--precision", "-p", parser=_precision, metavar="PRECISION",
+                         help="bf16, fp16, int8_sq (int8), int8_wo, int4_awq (int4), int4_wo, fp8")
+KV_DTYPE = typer.Option("auto", parser=_kv_dtype, metavar="KV", help="KV cache dtype: auto (bf16/fp16), int8, fp8")
+TP = typer.Option(1, help="tensor parallel size: 1, 2 or 4")
 TRITON_URL = typer.Option("127.0.0.1:8001", help="Triton gRPC address")
 TRITON_MODEL = typer.Option("ensemble", help="ensemble or tensorrt_llm_bls")
 
 
-@app.command()
+@command
 def plan(
     model: Optional[Path] = typer.Option(None, "--model", help="HF config.json or model dir; default: built-in Qwen2.5-7B dims"),
     gpu: str = typer.Option("rtx4090d", help="GPU profile: rtx4090d, rtx4090, l40s, a100-40g, a100-80g, h100, h200, custom"),
-    precision: str = typer.Option("int4_awq", "--precision", "-p", help="bf16, fp16, int8_sq (int8), int8_wo, int4_awq (int4), int4_wo, fp8"),
-    tp: int = typer.Option(1, help="tensor parallel size: 1, 2 or 4"),
-    kv_cache_dtype: str = typer.Option("auto", help="KV cache dtype: auto (bf16/fp16), int8, fp8"),
+    precision: Precision = PRECISION,
+    tp: int = TP,
+    kv_cache_dtype: KvDtype = KV_DTYPE,
     max_seq_len: int = typer.Option(4096, help="longest sequence (prompt + output) to plan for"),
     max_batch_size: int = typer.Option(32, help="largest batch the engine accepts"),
     prompt_len: int = typer.Option(1024, help="prompt length for the first-token estimate"),
@@ -55,11 +85,12 @@ def plan(
 ):
     """Memory and speed model: does it fit, how many users, how fast — before you build anything."""
     from trtqwen.build import plan as planning
-    try:
-        p = planning.plan_from_options(model, gpu, precision, tp, kv_cache_dtype, max_seq_len, max_batch_size,
-                                       prompt_len, max_num_tokens, kv_fraction, memory_gib, bandwidth_gbs, tflops)
-    except UserError as e:
-        fail(e)
+    from trtqwen.build.spec import BuildSpec
+
+    spec = BuildSpec(model=str(model) if model else "Qwen/Qwen2.5-7B-Instruct", precision=precision, tp=tp, gpu=gpu,
+                     kv_cache_dtype=kv_cache_dtype, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
+                     max_input_len=min(max_seq_len, 2048), max_num_tokens=max_num_tokens)
+    p = planning.plan_from_options(model, gpu, spec, prompt_len, kv_fraction, memory_gib, bandwidth_gbs, tflops)
     if as_json:
         print(json.dumps(p.to_dict(), indent=2))
     else:
@@ -68,7 +99,7 @@ def plan(
         raise typer.Exit(1)
 
 
-@app.command()
+@command
 def tiny(
     out: Path = typer.Option(Path("engines/tiny-qwen2"), "--out", "-o", help="directory to write the model to"),
     preset: str = typer.Option("tiny", help="shape: tiny (default, ~80 MB) or tiny-tp (shards at TP 2 and 4)"),
@@ -78,50 +109,47 @@ def tiny(
     """Make the embedded default: a tiny Qwen2 (real architecture, real Qwen vocabulary, random weights)."""
     from trtqwen.build.tiny import make_tiny
 
-    try:
-        path = make_tiny(out, preset=preset, seed=seed, force=force)
-    except UserError as e:
-        fail(e)
+    path = make_tiny(out, preset=preset, seed=seed, force=force)
     console.print(f"tiny Qwen2 model ({preset}, seed {seed}) at [bold]{path}[/]")
 
 
-@app.command()
+@command
 def build(
     model: str = typer.Option(..., "--model", "-m", help="Hugging Face hub id (Qwen/Qwen2.5-7B-Instruct) or a local directory"),
-    precision: str = typer.Option("int4_awq", "--precision", "-p", help="bf16, fp16, int8_sq (int8), int8_wo, int4_awq (int4), int4_wo, fp8"),
-    tp: int = typer.Option(1, help="tensor parallel size: 1, 2 or 4"),
+    precision: Precision = PRECISION,
+    tp: int = TP,
     gpu: str = typer.Option("rtx4090d", help="GPU profile the engine is planned for"),
-    kv_cache_dtype: str = typer.Option("auto", help="KV cache dtype: auto, int8, fp8"),
+    kv_cache_dtype: KvDtype = KV_DTYPE,
     max_batch_size: Optional[int] = typer.Option(None, help="default: from plan"),
     max_input_len: Optional[int] = typer.Option(None, help="default: half of max_seq_len"),
     max_seq_len: Optional[int] = typer.Option(None, help="default: 4096 (or the model's positions if fewer)"),
     max_num_tokens: Optional[int] = typer.Option(None, help="default: 8192"),
     calib_data: Optional[Path] = typer.Option(None, help="calibration texts (.jsonl with 'text' or .txt blocks); default: bundled set"),
     calib_size: Optional[int] = typer.Option(None, help="calibration samples (default 32; int4_awq on a CPU 16)"),
+    calib_gpu_memory: Optional[float] = typer.Option(None, envvar="TRTQWEN_CALIB_GPU_MEMORY", metavar="GIB",
+                                                     help="cap calibration's GPU memory (e.g. 24 reproduces a 4090D on a larger GPU)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="output directory (default engines/<name>-<precision>-tp<N>)"),
     until: str = typer.Option("engine", help="stop after: fetch, checkpoint or engine"),
     fmt: str = typer.Option("trtllm", "--format", help="checkpoint format: trtllm, hf (ModelOpt unified, for llmapi) or both"),
     force: bool = typer.Option(False, help="redo stages even if their inputs are unchanged"),
 ):
     """HF checkpoint → quantized TensorRT-LLM checkpoint (TP shards) → engines, recorded in build.json."""
-    from trtqwen.build import pipeline as build_mod
+    from trtqwen.build.pipeline import run_build
+    from trtqwen.build.spec import BuildSpec
+
+    spec = BuildSpec.request(model, precision=precision, tp=tp, gpu=gpu, kv_cache_dtype=kv_cache_dtype,
+                     max_batch_size=max_batch_size, max_input_len=max_input_len, max_seq_len=max_seq_len,
+                     max_num_tokens=max_num_tokens, calib_data=str(calib_data) if calib_data else None,
+                     calib_size=calib_size)
     try:
-        result = build_mod.run_build(
-            model=model, precision=precision, tp=tp, gpu=gpu, kv_cache_dtype=kv_cache_dtype,
-            max_batch_size=max_batch_size, max_input_len=max_input_len, max_seq_len=max_seq_len,
-            max_num_tokens=max_num_tokens, calib_data=calib_data, calib_size=calib_size, out=out,
-            until=until, fmt=fmt, force=force, console=console,
-        )
-    except UserError as e:
-        fail(e)
+        run_build(spec, out=out, until=until, fmt=fmt, force=force, calib_gpu_memory=calib_gpu_memory, console=console)
     except KeyboardInterrupt:  # stages write to a temporary place and rename: an interrupted one leaves nothing
         err.print("[yellow]interrupted:[/] the stage in progress was discarded (finished stages are kept); "
                   "rerun the same command to continue")
         raise typer.Exit(130) from None
-    raise typer.Exit(result.exit_code)
 
 
-@app.command()
+@command
 def package(
     build_dir: Path = typer.Argument(..., help="a build directory written by `trtqwen build`"),
     out: Path = typer.Option(Path("model_repo"), "--out", "-o", help="model repository to write"),
@@ -135,11 +163,8 @@ def package(
     """Write a Triton model repository (ensemble, preprocessing, tensorrt_llm, postprocessing, tensorrt_llm_bls)."""
     from trtqwen.serve.repo import generate_repo, read_record
 
-    try:
-        path = generate_repo(build_dir, out, runtime=runtime, max_batch_size=max_batch_size, instances=instances,
-                             kv_cache_free_gpu_mem_fraction=kv_cache_free_gpu_mem_fraction, streaming=streaming, force=force)
-    except UserError as e:
-        fail(e)
+    path = generate_repo(build_dir, out, runtime=runtime, max_batch_size=max_batch_size, instances=instances,
+                         kv_cache_free_gpu_mem_fraction=kv_cache_free_gpu_mem_fraction, streaming=streaming, force=force)
     record = read_record(path)
     console.print(f"model repository ({record['runtime']} runtime) at [bold]{path}[/]")
     for note in record.get("notes", []):
@@ -147,7 +172,7 @@ def package(
     console.print(f"serve it with: [bold]trtqwen serve {path}[/]")
 
 
-@app.command()
+@command
 def serve(
     model_repo: Path = typer.Argument(Path("model_repo"), help="Triton model repository written by `trtqwen package`"),
     host: str = typer.Option("127.0.0.1", help="address to bind (127.0.0.1: this machine only)"),
@@ -163,92 +188,46 @@ def serve(
 ):
     """Run tritonserver on a model repository (one MPI rank per GPU for TP) and wait until it is ready."""
     from trtqwen.serve import server
-    try:
-        if stop:
-            state = server.stop(model_repo)
-            console.print(f"stopped tritonserver (pid {state['pid']})" if state else "no server was running for this repository")
-            return
-        if print_command:
-            for line in server.describe_commands(model_repo, host, http_port, grpc_port, metrics_port):
-                print(line)
-            return
-        state = server.serve_repo(model_repo, host, http_port, grpc_port, metrics_port, log, timeout)
-    except UserError as e:
-        fail(e)
+
+    if stop:
+        state = server.stop(model_repo)
+        console.print(f"stopped tritonserver (pid {state['pid']})" if state else "no server was running for this repository")
+        return
+    if print_command:
+        for line in server.describe_commands(model_repo, host, http_port, grpc_port, metrics_port):
+            print(line)
+        return
+    state = server.serve_repo(model_repo, host, http_port, grpc_port, metrics_port, log, timeout)
     console.print(f"tritonserver ready ({state['server']})\n  HTTP    http://{host}:{http_port}\n"
                   f"  gRPC    {host}:{grpc_port}\n  metrics http://{host}:{metrics_port}/metrics\n  log     {state['log']}")
     if background:
         console.print(f"stop it with: [bold]trtqwen serve {model_repo} --stop[/]")
         return
-    console.print("Ctrl-C stops it.")
-    try:
-        if openai_port:
-            from trtqwen.clients.openai import serve_openai
-
-            console.print(f"OpenAI-compatible API on http://{host}:{openai_port}/v1")
-            serve_openai(f"{host}:{grpc_port}", host, openai_port)
-        else:
-            server.wait_until_exit(state["pid"])
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop(model_repo)
+    console.print("Ctrl-C stops it." + (f" OpenAI-compatible API on http://{host}:{openai_port}/v1" if openai_port else ""))
+    server.run_in_foreground(model_repo, state, host, grpc_port, openai_port)
 
 
 TEXT_MODEL = typer.Option(None, help="Triton model; default: tensorrt_llm_bls when served (a stop cancels the "
                                      "request there), else ensemble")
 
 
-@app.command()
+@command
 def chat(
     url: str = TRITON_URL,
     model: Optional[str] = TEXT_MODEL,
     system: str = typer.Option(DEFAULT_SYSTEM, help="system prompt"),
-    max_tokens: int = typer.Option(512, help="longest answer"),
+    max_tokens: int = typer.Option(DEFAULT_MAX_TOKENS, help="longest answer"),
     temperature: float = typer.Option(0.7, help="sampling temperature"),
     top_p: float = typer.Option(0.8, help="nucleus sampling"),
 ):
     """Terminal chat that streams answers from the served model, keeps history, and shows tokens/s."""
-    from trtqwen.clients.client import GenerationParams, chatml, connect
+    from trtqwen.clients.chat import chat_loop
+    from trtqwen.clients.client import GenerationParams
 
-    try:
-        client = connect(url, model)
-    except UserError as e:
-        fail(e)
-    history: list[dict] = []
-    params = GenerationParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p)
-    console.print(f"[dim]chatting with {model} at {url} — /reset clears the history, Ctrl-D quits[/]")
-    while True:
-        try:
-            user = console.input("[bold green]you>[/] ")
-        except (EOFError, KeyboardInterrupt):
-            console.print()
-            return
-        if user.strip() == "/reset":
-            history.clear()
-            continue
-        if not user.strip():
-            continue
-        history.append({"role": "user", "content": user})
-        answer, timing = [], None
-        console.print("[bold blue]qwen>[/] ", end="")
-        try:
-            for delta, timing in client.stream(chatml(history, system), params):
-                answer.append(delta)
-                console.print(delta, end="", markup=False, highlight=False)
-        except UserError as e:
-            console.print(f"\n[red]{e.message}[/]")
-            history.pop()
-            continue
-        except KeyboardInterrupt:
-            console.print("\n[dim](stopped)[/]")
-        history.append({"role": "assistant", "content": "".join(answer)})
-        if timing and timing.ttft is not None:
-            rate = f", {timing.tokens_per_s:.1f} tok/s" if timing.tokens_per_s else ""
-            console.print(f"\n[dim]{timing.output_tokens} tokens, first after {timing.ttft * 1e3:.0f} ms{rate}[/]")
+    chat_loop(url, model, system, GenerationParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p), console)
 
 
-@app.command()
+@command
 def ui(
     url: str = TRITON_URL,
     model: Optional[str] = TEXT_MODEL,
@@ -262,14 +241,11 @@ def ui(
     from ui.app import launch
 
     console.print(f"web demo on http://{host}:{port} → Triton {url}" + (" (public share link requested)" if share else ""))
-    try:
-        launch(url=url, model=model, repo=str(repo) if repo else None, host=host, port=port, share=share,
-               concurrency=concurrency)
-    except UserError as e:
-        fail(e)
+    launch(url=url, model=model, repo=str(repo) if repo else None, host=host, port=port, share=share,
+           concurrency=concurrency)
 
 
-@app.command()
+@command
 def smoke(
     url: str = TRITON_URL,
     model: str = TRITON_MODEL,
@@ -278,25 +254,17 @@ def smoke(
                                                                       "(off for the reference runtime on a CPU)"),
 ):
     """Smoke-test a served model: readiness, streaming, CJK, JSON, stop words, 5 concurrent users, bad requests."""
-    from trtqwen.clients.smoke import run_smoke
+    from trtqwen.clients.smoke import run_smoke, smoke_table
 
-    try:
-        checks = run_smoke(url, model, content, targets)
-    except UserError as e:
-        fail(e)
-    t = Table(title=f"smoke: {model} at {url}" + ("" if content else " — mechanics only (tiny/random model: wording not judged)"))
-    for c in ("check", "result", "numbers / details"):
-        t.add_column(c)
-    for c in checks:
-        t.add_row(c.name, "[green]PASS[/]" if c.passed else "[red]FAIL[/]", c.detail)
-    console.print(t)
+    checks = run_smoke(url, model, content, targets)
+    console.print(smoke_table(checks, url, model, content))
     failed = [c.name for c in checks if not c.passed]
     if failed:
         err.print(f"[red]{len(failed)} check(s) failed:[/] {', '.join(failed)}")
         raise typer.Exit(1)
 
 
-@app.command()
+@command
 def bench(
     url: str = TRITON_URL,
     model: str = TRITON_MODEL,
@@ -312,25 +280,23 @@ def bench(
 ):
     """Load-test a served model over a concurrency sweep; JSON, CSV and a PNG plot; --compare with an earlier run."""
     from trtqwen.clients import bench as bench_mod
+
     try:
         levels = [int(x) for x in concurrency.split(",") if x.strip()]
     except ValueError:
-        fail(UserError(f"--concurrency {concurrency!r} is not a list of integers", "e.g. --concurrency 1,2,4,8"))
-    try:
-        r = bench_mod.run_bench(url, model, levels, input_len, output_len, duration, warmup,
-                                str(tokenizer) if tokenizer else None, metrics_url,
-                                progress=lambda lv: err.print(f"[dim]{lv['concurrency']} users: {lv['requests']} requests, "
-                                                              f"{lv['total_tok_s']:.1f} tok/s total, {lv['errors']} errors[/]"))
-        print(bench_mod.format_table(r))
-        files = bench_mod.write_reports(r, out)
-        console.print("wrote " + ", ".join(str(p) for p in files.values()))
-        if compare:
-            print(bench_mod.format_compare(bench_mod.compare(r, bench_mod.load_result(compare))))
-    except UserError as e:
-        fail(e)
+        raise UserError(f"--concurrency {concurrency!r} is not a list of integers", "e.g. --concurrency 1,2,4,8") from None
+    r = bench_mod.run_bench(url, model, levels, input_len, output_len, duration, warmup,
+                            str(tokenizer) if tokenizer else None, metrics_url,
+                            progress=lambda lv: err.print(f"[dim]{lv['concurrency']} users: {lv['requests']} requests, "
+                                                          f"{lv['total_tok_s']:.1f} tok/s total, {lv['errors']} errors[/]"))
+    print(bench_mod.format_table(r))
+    files = bench_mod.write_reports(r, out)
+    console.print("wrote " + ", ".join(str(p) for p in files.values()))
+    if compare:
+        print(bench_mod.format_compare(bench_mod.compare(r, bench_mod.load_result(compare))))
 
 
-@app.command()
+@command
 def openai(
     url: str = TRITON_URL,
     host: str = typer.Option("127.0.0.1", help="address to bind"),
@@ -346,7 +312,7 @@ def openai(
     serve_openai(url, host, port, model, served_model_name, str(tokenizer) if tokenizer else None)
 
 
-@app.command()
+@command
 def verify(
     checkpoint: Path = typer.Argument(..., help="a TensorRT-LLM checkpoint directory (e.g. engines/<build>/checkpoint)"),
     against: Optional[Path] = typer.Option(None, help="HF model dir to compare with (default: the build's source)"),
@@ -359,68 +325,31 @@ def verify(
     """Compare a TensorRT-LLM checkpoint with its HF source: logits cosine, max error, top-1 agreement, perplexity."""
     from trtqwen.build.verify import verify as run_verify
 
-    try:
-        report = run_verify(checkpoint, against, prompts, device, thresholds)
-    except UserError as e:
-        fail(e)
+    report = run_verify(checkpoint, against, prompts, device, thresholds)
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
-        lim = report.thresholds
-        t = Table(title=f"verify {report.checkpoint} ({report.quant_algo or 'unquantized'}, TP {report.tp}; "
-                        f"{lim['table']} thresholds)")
-        for c in ("metric", "value", "threshold"):
-            t.add_column(c)
-        t.add_row("logits cosine (mean)", f"{report.cosine_mean:.6f}", f"≥ {lim['cosine_mean']}")
-        t.add_row("logits cosine (min)", f"{report.cosine_min:.6f}", "")
-        t.add_row("max abs error", f"{report.max_abs_error:.4g}", "")
-        t.add_row("top-1 agreement", f"{report.top1_agreement:.3f}", f"≥ {lim['top1_agreement']}")
-        t.add_row("perplexity (reference → checkpoint)", f"{report.ppl_reference:.3f} → {report.ppl_checkpoint:.3f}",
-                  f"ratio ≤ {lim['ppl_ratio']}")
-        console.print(t)
-        console.print("[green]PASS[/]" if report.passed else "[red]FAIL[/]: " + "; ".join(report.failures))
+        console.print(report.table())
+        console.print(report.verdict)
     if not report.passed:
         raise typer.Exit(1)
 
 
-@app.command()
+@command
 def doctor(as_json: bool = typer.Option(False, "--json", help="print the report as JSON")):
     """What this machine has for the job: Python, torch/CUDA, GPUs, TensorRT-LLM, tritonserver, mpirun, disk."""
     from trtqwen import doctor as doc
+
     report = doc.collect()
     if as_json:
         print(json.dumps(report, indent=2))
         return
-    t = Table(title="trtqwen doctor", show_header=False)
-    t.add_row("python", report["python"])
-    tr = report["torch"]
-    t.add_row("torch", f"{tr['version']} (CUDA build {tr['cuda_build']}, CUDA available: {tr['cuda_available']})"
-              if tr["installed"] else "[red]not installed[/]")
-    for g in report["gpus"] or [None]:
-        t.add_row("gpu", "[yellow]none found (no NVIDIA driver or GPU)[/]" if g is None else
-                  f"{g['index']}: {g['name']}, {g['memory_gib']} GiB, sm_{g['compute_capability'].replace('.', '')}"
-                  f" (profile: {g['profile'] or 'custom'})")
-    for key in ("tensorrt_llm", "tensorrt", "modelopt", "transformers", "tritonclient"):
-        t.add_row(key, report[key] or "[yellow]absent[/]")
-    t.add_row("tritonserver", ", ".join(report["tritonserver"]) or "[yellow]none found[/]")
-    t.add_row("mpirun", report["mpirun"] or "[yellow]absent[/]")
-    t.add_row("disk free", f"{report['disk_free_gb']} GB")
-    console.print(t)
-    v = Table(title="what you can run here")
-    v.add_column("capability")
-    v.add_column("here?")
-    v.add_column("needs")
-    for name, ok, why in doc.verdicts(report):
-        v.add_row(name, "[green]yes[/]" if ok else "[red]no[/]", why)
-    console.print(v)
+    for table in doc.tables(report):
+        console.print(table)
 
 
 def main() -> None:
-    try:
-        app()
-    except UserError as e:  # a UserError escaping a command still gets a clean message
-        err.print(f"[bold red]error:[/] {e}")
-        sys.exit(2)
+    app()
 
 
 if __name__ == "__main__":

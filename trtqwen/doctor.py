@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
 import platform
 import shutil
@@ -10,13 +9,7 @@ import sys
 from pathlib import Path
 
 from trtqwen.build.hardware import detect_gpus, profile_for_gpu_name
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
+from trtqwen.versions import package_version
 
 
 def torch_report() -> dict:
@@ -54,11 +47,11 @@ def collect(path: Path = Path(".")) -> dict:
         "platform": platform.platform(),
         "torch": torch_report(),
         "gpus": gpus,
-        "tensorrt_llm": _version("tensorrt_llm") or _version("tensorrt-llm"),
-        "tensorrt": _version("tensorrt") or _version("tensorrt-cu12") or _version("tensorrt-cu13"),
-        "modelopt": _version("nvidia-modelopt"),
-        "transformers": _version("transformers"),
-        "tritonclient": _version("tritonclient"),
+        "tensorrt_llm": package_version("tensorrt_llm", "tensorrt-llm"),
+        "tensorrt": package_version("tensorrt", "tensorrt-cu12", "tensorrt-cu13"),
+        "modelopt": package_version("nvidia-modelopt"),
+        "transformers": package_version("transformers"),
+        "tritonclient": package_version("tritonclient"),
         "tritonserver": [str(p) for p in tritonserver_candidates()],
         "mpirun": shutil.which("mpirun"),
         "disk_free_gb": round(disk.free / 1e9, 1),
@@ -79,3 +72,29 @@ def verdicts(report: dict) -> list[tuple[str, bool, str]]:
         ("tensor parallel > 1 with engines", has_trtllm and len(report["gpus"]) > 1 and bool(report["mpirun"]),
          "needs ≥ 2 GPUs and mpirun"),
     ]
+
+
+def tables(report: dict) -> list:
+    """The report as two rich tables: what is installed, and what can run here."""
+    from rich.table import Table
+
+    t = Table(title="trtqwen doctor", show_header=False)
+    t.add_row("python", report["python"])
+    tr = report["torch"]
+    t.add_row("torch", f"{tr['version']} (CUDA build {tr['cuda_build']}, CUDA available: {tr['cuda_available']})"
+              if tr["installed"] else "[red]not installed[/]")
+    for g in report["gpus"] or [None]:
+        t.add_row("gpu", "[yellow]none found (no NVIDIA driver or GPU)[/]" if g is None else
+                  f"{g['index']}: {g['name']}, {g['memory_gib']} GiB, sm_{g['compute_capability'].replace('.', '')}"
+                  f" (profile: {g['profile'] or 'custom'})")
+    for key in ("tensorrt_llm", "tensorrt", "modelopt", "transformers", "tritonclient"):
+        t.add_row(key, report[key] or "[yellow]absent[/]")
+    t.add_row("tritonserver", ", ".join(report["tritonserver"]) or "[yellow]none found[/]")
+    t.add_row("mpirun", report["mpirun"] or "[yellow]absent[/]")
+    t.add_row("disk free", f"{report['disk_free_gb']} GB")
+    v = Table(title="what you can run here")
+    for c in ("capability", "here?", "needs"):
+        v.add_column(c)
+    for name, ok, why in verdicts(report):
+        v.add_row(name, "[green]yes[/]" if ok else "[red]no[/]", why)
+    return [t, v]

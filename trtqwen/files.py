@@ -12,16 +12,17 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def publishing(dst: Path) -> Iterator[Path]:
+def publishing(dst: Path, first_wins: bool = False) -> Iterator[Path]:
     """A fresh temporary directory beside dst (same filesystem, its own name per process and thread); when the
     block finishes it replaces dst (an old dst is moved aside first, then removed); when the block fails it is
-    removed and dst is left as it was."""
+    removed and dst is left as it was. first_wins: a dst that another process published meanwhile is kept."""
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".tmp-{dst.name}-"))
     try:
         yield tmp
-        replace_dir(tmp, dst)
+        if not (first_wins and dst.exists()):
+            replace_dir(tmp, dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

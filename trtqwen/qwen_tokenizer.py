@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 
 from trtqwen.errors import UserError
+from trtqwen.files import publishing
 
 # Qwen2's pre-tokenizer (the same for Qwen2.5): contractions, letters, single digits, punctuation, newlines, spaces.
 QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -33,7 +34,9 @@ ADDED_TOKENS = [
 SPECIAL_IDS = {t: NUM_RANKS + i for i, (t, _) in enumerate(ADDED_TOKENS)}  # <|endoftext|> 151643 … <|file_sep|> 151664
 # Qwen2.5's additional_special_tokens: the special ones after <|endoftext|> (<|im_start|> … <|video_pad|>).
 ADDITIONAL_SPECIAL_TOKENS = [t for t, s in ADDED_TOKENS[1:] if s]
-EOS_TOKEN, PAD_TOKEN = "<|im_end|>", "<|endoftext|>"  # Qwen2.5-Instruct
+IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+EOS_TOKEN, PAD_TOKEN = IM_END, ENDOFTEXT  # Qwen2.5-Instruct
+EOS_ID, PAD_ID = SPECIAL_IDS[EOS_TOKEN], SPECIAL_IDS[PAD_TOKEN]  # 151645, 151643: what every request carries
 DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 FILES = ("tokenizer.json", "vocab.json", "merges.txt")  # the converted, cached part
 _FORMAT = "qwen2.5-v3"  # bump when the conversion changes: it is part of the cache key
@@ -121,20 +124,8 @@ def converted_dir() -> Path:
     root = cache_dir()
     done = root / f"qwen2.5-tokenizer-{digest}"
     if not all((done / f).is_file() for f in FILES):
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = root / f".tmp-qwen2.5-tokenizer-{digest}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
+        with publishing(done) as tmp:  # an incomplete `done` (a killed conversion) is replaced
             _convert(tmp)
-            shutil.rmtree(done, ignore_errors=True)
-            try:
-                os.replace(tmp, done)
-            except OSError:  # another process finished first
-                if not all((done / f).is_file() for f in FILES):
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return done
 
 
@@ -173,3 +164,17 @@ def write_qwen_tokenizer(out_dir: Path, model_max_length: int = 32768) -> None:
     (out_dir / "special_tokens_map.json").write_text(json.dumps(
         {"additional_special_tokens": ADDITIONAL_SPECIAL_TOKENS, "eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN},
         indent=2) + "\n", encoding="utf-8")
+
+
+def load_tokenizer(hf_dir: Path):
+    """The HF tokenizer of a model directory (transformers; never remote code)."""
+    from transformers import AutoTokenizer
+
+    hint = ("calibration and verify tokenize text: the HF directory needs the model's tokenizer "
+            "(tokenizer.json, or vocab.json + merges.txt)")
+    if not any((Path(hf_dir) / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer.model")):
+        raise UserError(f"{hf_dir} has no tokenizer files", hint)
+    try:
+        return AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=False)
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"cannot load the tokenizer from {hf_dir}: {e}", hint) from e

@@ -28,8 +28,8 @@ class ModelShape:
     @classmethod
     def from_hf(cls, cfg: dict, name: str = "custom") -> "ModelShape":
         """An HF config.json of a Qwen2 model (transformers 4.x or 5.x layout)."""
-        arch = (cfg.get("architectures") or ["?"])[0]
-        if arch != "Qwen2ForCausalLM" and cfg.get("model_type") != "qwen2":
+        arch = (cfg.get("architectures") or [None])[0]  # configs made in code may name none: then model_type decides
+        if arch != "Qwen2ForCausalLM" and (arch is not None or cfg.get("model_type") != "qwen2"):
             raise UserError(f"model architecture is {arch!r}, not Qwen2ForCausalLM",
                             "trtqwen plans and builds Qwen2-architecture checkpoints (Qwen2, Qwen2.5)")
         try:

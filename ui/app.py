@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import gradio as gr  # noqa: E402
 
-from trtqwen.clients.client import DEFAULT_SYSTEM, GenerationParams  # noqa: E402
+from trtqwen.clients.client import DEFAULT_MAX_TOKENS, DEFAULT_SYSTEM, GenerationParams  # noqa: E402
 from trtqwen.errors import UserError  # noqa: E402
 from ui.backend import ERROR_MARK, STOPPED_MARK, Backend, stats_line  # noqa: E402
 
@@ -124,7 +124,7 @@ def build_app(backend: Backend, concurrency: int = 16) -> gr.Blocks:
                 refresh = gr.Button("↻ Check server", size="sm")
                 system = gr.Textbox(DEFAULT_SYSTEM, label="System prompt", lines=3, elem_id="system")
                 with gr.Accordion("Generation settings", open=True):
-                    max_tokens = gr.Slider(1, 4096, value=512, step=1, label="Max tokens", elem_id="max_tokens")
+                    max_tokens = gr.Slider(1, 4096, value=DEFAULT_MAX_TOKENS, step=1, label="Max tokens", elem_id="max_tokens")
                     temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature")
                     top_p = gr.Slider(0, 1, value=0.8, step=0.05, label="Top-p")
                     top_k = gr.Slider(0, 200, value=20, step=1, label="Top-k (0 = off)")

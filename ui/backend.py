@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 
 from trtqwen.clients.client import GenerationParams, Timing, TritonLLMClient, chatml, connect
+from trtqwen.build.spec import BuildSpec
+from trtqwen.checkpoint import read_checkpoint
 from trtqwen.errors import UserError
 
 ERROR_MARK = "⚠"  # assistant turns starting with it are shown, never sent back to the model
@@ -44,12 +46,11 @@ def conversation(history: list[dict]) -> list[dict]:
 
 def precision_name(quant_algo: str | None, dtype: str | None) -> str:
     """A checkpoint's quant_algo/dtype as the precision names `trtqwen build` takes (W4A16_AWQ → int4_awq)."""
-    from trtqwen.build.spec import PRECISION_ALIASES, PRECISIONS
+    from trtqwen.precision import PRECISION_OF_ALGO
 
-    if quant_algo:
-        return next((p.value for p, i in PRECISIONS.items() if i.quant_algo == quant_algo), quant_algo.lower())
-    alias = PRECISION_ALIASES.get(str(dtype).lower())
-    return alias.value if alias else str(dtype)
+    if quant_algo is None:
+        return "fp16" if str(dtype) in ("float16", "fp16") else "bf16"
+    return PRECISION_OF_ALGO[quant_algo].value if quant_algo in PRECISION_OF_ALGO else quant_algo.lower()
 
 
 def stats_line(timing: Timing | None, state: str, model: str) -> str:
@@ -132,12 +133,12 @@ class Backend:
         if self.repo:
             try:
                 rec = json.loads((Path(self.repo) / "trtqwen_repo.json").read_text())
-                spec = rec.get("spec") or {}
-                info.update(source="repository record", model=Path(str(spec.get("model", "?"))).name,
-                            precision=spec.get("precision"), tp=spec.get("tp"), runtime=rec.get("runtime"),
-                            gpu=spec.get("gpu"), max_seq_len=(rec.get("settings") or {}).get("max_seq_len"),
+                spec = BuildSpec.from_dict(rec["spec"])
+                info.update(source="repository record", model=Path(spec.model).name, precision=spec.precision.value,
+                            tp=spec.tp, runtime=rec.get("runtime"), gpu=spec.gpu,
+                            max_seq_len=(rec.get("settings") or {}).get("max_seq_len"),
                             tensorrt_llm=(rec.get("versions") or {}).get("tensorrt_llm"))
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, KeyError, TypeError, UserError) as e:
                 info["record_error"] = f"cannot read {self.repo}/trtqwen_repo.json ({type(e).__name__})"
         try:
             c = self.client()
@@ -160,12 +161,14 @@ class Backend:
         out["runtime"] = "trtllm" if cfg.get("backend") == "tensorrtllm" else f"{cfg.get('backend')} backend"
         out["model"] = (path.parent.name if path.name in ("checkpoint", "engine") else path.name) or "?"
         out["max_seq_len"] = params.get("max_seq_len")
-        try:  # the checkpoint/engine config, when the server's files are visible from here
-            conf = json.loads((path / "config.json").read_text())
-            pc = conf.get("pretrained_config", conf)
-            q = (pc.get("quantization") or {}).get("quant_algo")
-            out["precision"] = precision_name(q, pc.get("dtype"))
-            out["tp"] = (pc.get("mapping") or {}).get("tp_size")
-        except (OSError, ValueError, AttributeError):
+        try:  # the checkpoint (through the one reader) or engine config, when the server's files are visible from here
+            pc = json.loads((path / "config.json").read_text()).get("pretrained_config")  # trtllm-build's engine config
+            if pc is None:
+                ck = read_checkpoint(path)
+                out.update(precision=precision_name(ck.quant_algo, ck.dtype), tp=ck.tp)
+            else:
+                out["precision"] = precision_name((pc.get("quantization") or {}).get("quant_algo"), pc.get("dtype"))
+                out["tp"] = (pc.get("mapping") or {}).get("tp_size")
+        except (OSError, ValueError, AttributeError, UserError):
             pass
         return out

@@ -109,3 +109,15 @@ def profile_for_gpu_name(gpu_name: str) -> str | None:
         if needle in n:
             return key
     return None
+
+
+def compute_capability(value) -> str | None:
+    """Compute capability as "8.9", from "8.9", "sm_89", "89" or (8, 9)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (tuple, list)):
+        return f"{int(value[0])}.{int(value[1])}"
+    text = str(value).strip().lower().removeprefix("sm_").removeprefix("sm")
+    if "." in text:
+        return text
+    return f"{text[:-1]}.{text[-1]}" if text.isdigit() and len(text) >= 2 else text

@@ -21,9 +21,12 @@ from trtqwen import __version__
 from trtqwen.build import hf
 from trtqwen.errors import UserError
 from trtqwen.build.hardware import get_profile
-from trtqwen.build.manifest import MANIFEST, dir_size, read_manifest, replace_dir, stage_key, tool_versions, write_json_atomic
-from trtqwen.build.plan import ModelDims, make_plan, recommended_max_batch_size, weight_bytes
-from trtqwen.build.spec import BuildSpec, KvDtype, Precision, default_output_dir, parse_kv_dtype, parse_precision
+from trtqwen.build.manifest import MANIFEST, read_manifest, stage_key
+from trtqwen.build.plan import Plan, make_plan, read_model_shape, recommended_max_batch_size, weight_bytes
+from trtqwen.build.spec import BuildSpec, KvDtype, Precision, default_output_dir
+from trtqwen.files import clean_temporaries, dir_size, publishing, write_json_atomic
+from trtqwen.shape import ModelShape
+from trtqwen.versions import tool_versions
 
 STAGES = ("fetch", "checkpoint", "engine")
 FORMATS = ("trtllm", "hf", "both")
@@ -33,7 +36,6 @@ FORMATS = ("trtllm", "hf", "both")
 class BuildResult:
     out: Path
     manifest: dict
-    exit_code: int = 0
 
 
 def free_bytes(path: Path) -> int:
@@ -42,25 +44,21 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def decide_spec(model: str, dims: ModelDims, precision, tp, gpu, kv_cache_dtype, max_batch_size, max_input_len,
-                max_seq_len, max_num_tokens, calib_data, calib_size) -> tuple[BuildSpec, object]:
-    """Fill what the user left out from `plan` for the chosen GPU; refuse a spec the plan says cannot fit."""
-    profile = get_profile(gpu)
-    precision, kv = parse_precision(precision), parse_kv_dtype(kv_cache_dtype)
-    seq = max_seq_len or min(4096, dims.max_position_embeddings)
-    num_tokens = max_num_tokens or 8192
-    first = make_plan(dims, profile, precision, tp, kv, seq, max_batch_size or 32, min(1024, seq), num_tokens)
-    batch = max_batch_size or recommended_max_batch_size(first)
-    plan = make_plan(dims, profile, precision, tp, kv, seq, batch, min(1024, seq), num_tokens, model_ref=model)
+def decide_spec(spec: BuildSpec, shape: ModelShape) -> tuple[BuildSpec, Plan]:
+    """Fill what the user left out (None) from `plan` for the chosen GPU; refuse a spec the plan says cannot fit."""
+    profile = get_profile(spec.gpu)
+    seq = spec.max_seq_len or min(4096, shape.max_position_embeddings)
+    spec = spec.replace(gpu=profile.name, max_seq_len=seq, max_num_tokens=spec.max_num_tokens or 8192,
+                        max_input_len=spec.max_input_len or max(1, seq // 2),
+                        calib_size=spec.calib_size or default_calib_size(spec.precision))
+    if spec.max_batch_size is None:
+        spec = spec.replace(max_batch_size=recommended_max_batch_size(make_plan(shape, profile, spec.replace(
+            max_batch_size=32), min(1024, seq))))
+    plan = make_plan(shape, profile, spec, min(1024, seq))
     if not plan.fits:
         raise UserError(f"this build does not fit a {profile.name}: {'; '.join(plan.reasons)}",
-                        f"see `trtqwen plan --precision {precision.value} --tp {tp} --gpu {profile.name}`; "
+                        f"see `trtqwen plan --precision {spec.precision.value} --tp {spec.tp} --gpu {profile.name}`; "
                         "quantize further (int4), raise --tp, or lower --max-seq-len / --max-batch-size")
-    spec = BuildSpec(
-        model=model, precision=precision, tp=tp, gpu=profile.name, kv_cache_dtype=kv, max_batch_size=batch,
-        max_input_len=max_input_len or max(1, seq // 2), max_seq_len=seq, max_num_tokens=num_tokens,
-        calib_size=calib_size or default_calib_size(precision), calib_data=str(calib_data) if calib_data else None,
-    )
     return spec, plan
 
 
@@ -89,21 +87,12 @@ def check_disk(out: Path, needed: float) -> None:
                         "free some space or pass --out on a larger disk")
 
 
-def clean_stale_temporaries(out: Path) -> None:
-    for p in out.glob(".tmp-*"):
-        shutil.rmtree(p, ignore_errors=True)
-
-
 def copy_tokenizer(src: Path, out: Path) -> Path:
-    dst = out / "tokenizer"
-    tmp = out / ".tmp-tokenizer"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name in hf.TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, tmp / name)
-    replace_dir(tmp, dst)
-    return dst
+    with publishing(out / "tokenizer") as tmp:
+        for name in hf.TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+    return out / "tokenizer"
 
 
 def lossy_on_qwen25(spec: BuildSpec) -> list[str]:
@@ -118,39 +107,37 @@ def lossy_on_qwen25(spec: BuildSpec) -> list[str]:
     return found
 
 
-def run_build(*, model: str, precision="int4_awq", tp=1, gpu="rtx4090d", kv_cache_dtype="auto", max_batch_size=None,
-              max_input_len=None, max_seq_len=None, max_num_tokens=None, calib_data=None, calib_size=None, out=None,
-              until="engine", fmt="trtllm", force=False, console: Console | None = None) -> BuildResult:
+def run_build(spec: BuildSpec, *, out: Path | None = None, until: str = "engine", fmt: str = "trtllm",
+              force: bool = False, calib_gpu_memory: float | None = None, console: Console | None = None) -> BuildResult:
+    """Every stage of a build, from what the user asked for (`BuildSpec.request`); calib_gpu_memory (GiB) caps
+    calibration's GPU memory, as a smaller card would."""
     console = console or Console()
     if until not in STAGES:
         raise UserError(f"unknown stage {until!r} for --until", f"use one of {', '.join(STAGES)}")
     if fmt not in FORMATS:
         raise UserError(f"unknown checkpoint format {fmt!r}", f"use one of {', '.join(FORMATS)}")
-    parse_precision(precision), parse_kv_dtype(kv_cache_dtype)  # fail on typos before any download
-    BuildSpec(model=model, precision=precision, tp=tp)
-    if calib_data is not None and not Path(calib_data).is_file():
-        raise UserError(f"calibration file {calib_data} does not exist", "pass a .jsonl (with a 'text' field) or .txt file")
+    if spec.calib_data is not None and not Path(spec.calib_data).is_file():
+        raise UserError(f"calibration file {spec.calib_data} does not exist", "pass a .jsonl (with a 'text' field) or .txt file")
 
     # fetch: configs first, so the plan and the disk check come before gigabytes of download.
     t0 = time.time()
-    hub = hf.is_hub_id(model)
-    cfg_dir = hf.fetch(model, patterns=["config.json"])[0] if hub else hf.fetch(model)[0]
-    dims = ModelDims.from_config_file(cfg_dir)
-    spec, plan = decide_spec(model, dims, precision, tp, gpu, kv_cache_dtype, max_batch_size, max_input_len,
-                             max_seq_len, max_num_tokens, calib_data, calib_size)
+    hub = hf.is_hub_id(spec.model)
+    cfg_dir = hf.fetch(spec.model, patterns=["config.json"])[0] if hub else hf.fetch(spec.model)[0]
+    shape = read_model_shape(cfg_dir)
+    spec, plan = decide_spec(spec, shape)
     for warning in lossy_on_qwen25(spec):
         console.print(f"[yellow]warning:[/] {warning}")
     out = Path(out) if out else default_output_dir(spec)
     check_output_dir(out, force)
-    ckpt_bytes = weight_bytes(dims, spec.precision) * (2 if fmt == "both" else 1)
+    ckpt_bytes = weight_bytes(shape, spec.precision) * (2 if fmt == "both" else 1)
     tokenizer_bytes = HUB_TOKENIZER_BYTES if hub else sum(
         f.stat().st_size for f in Path(cfg_dir).iterdir() if f.is_file() and f.suffix != ".safetensors")
     check_disk(out, ckpt_bytes * (2 if until == "engine" else 1) * 1.1 + tokenizer_bytes
-               + (weight_bytes(dims, parse_precision("bf16")) if hub else 0))
+               + (weight_bytes(shape, Precision.BF16) if hub else 0))
     out.mkdir(parents=True, exist_ok=True)
-    clean_stale_temporaries(out)
+    clean_temporaries(out)
     with disk_full_is_an_error(out):
-        return run_stages(model, hub, spec, plan, out, until, fmt, force, t0, console)
+        return run_stages(hub, spec, plan, out, until, fmt, force, t0, console, calib_gpu_memory)
 
 
 @contextlib.contextmanager
@@ -161,12 +148,13 @@ def disk_full_is_an_error(out: Path):
     except Exception as e:  # safetensors' writer raises its own error type, naming os error 28
         if getattr(e, "errno", None) != errno.ENOSPC and "No space left on device" not in str(e):
             raise
-        clean_stale_temporaries(out)
+        clean_temporaries(out)
         raise UserError(f"the disk under {out} filled up while building; the stage in progress was discarded",
                         "free some space (or pass --out on a larger disk) and rerun: finished stages are reused") from None
 
 
-def run_stages(model, hub, spec, plan, out, until, fmt, force, t0, console) -> BuildResult:
+def run_stages(hub, spec: BuildSpec, plan: Plan, out, until, fmt, force, t0, console, calib_gpu_memory=None) -> BuildResult:
+    model = spec.model
     src_path, revision = hf.fetch(model)
     source = hf.validate(src_path, revision)
     old = read_manifest(out) or {}
@@ -175,7 +163,7 @@ def run_stages(model, hub, spec, plan, out, until, fmt, force, t0, console) -> B
         "spec": spec.to_dict(),
         "plan": {k: plan.to_dict()[k] for k in ("kv_cache_free_gpu_mem_fraction", "kv_tokens", "concurrent_sequences",
                                                  "weight_bytes_per_gpu", "predicted_peak_bytes_per_gpu",
-                                                 "decode_estimate_tok_s", "ttft_estimate_s")},
+                                                 "calibration_peak_bytes", "decode_estimate_tok_s", "ttft_estimate_s")},
         "source": {"model": model, "path": str(source.path.resolve()), "revision": revision, "dtype": source.dtype,
                    "files": source.fingerprints, "model_type": source.config.get("model_type")},
         "versions": tool_versions(),
@@ -189,7 +177,7 @@ def run_stages(model, hub, spec, plan, out, until, fmt, force, t0, console) -> B
 
     copy_tokenizer(source.path, out)  # first: the checkpoint's rename into place is the stage's last act
     manifest["tokenizer_dir"] = "tokenizer"
-    manifest["stages"]["checkpoint"] = checkpoint_stage(spec, source, out, fmt, force, old, console)
+    manifest["stages"]["checkpoint"] = checkpoint_stage(spec, source, out, fmt, force, old, console, calib_gpu_memory)
     write_json_atomic(out / MANIFEST, manifest)
     if until == "checkpoint":
         return finish(out, manifest, console)
@@ -219,7 +207,8 @@ def stage_progress(console: Console):
         yield say, step
 
 
-def checkpoint_stage(spec: BuildSpec, source: hf.HfCheckpoint, out: Path, fmt: str, force: bool, old: dict, console) -> dict:
+def checkpoint_stage(spec: BuildSpec, source: hf.HfCheckpoint, out: Path, fmt: str, force: bool, old: dict, console,
+                     calib_gpu_memory: float | None = None) -> dict:
     key = stage_key(spec.to_dict(), source.fingerprints, fmt)
     prev = old.get("stages", {}).get("checkpoint", {})
     wanted = [d for f, d in (("trtllm", "checkpoint"), ("hf", "hf_checkpoint")) if fmt in (f, "both")]
@@ -232,6 +221,7 @@ def checkpoint_stage(spec: BuildSpec, source: hf.HfCheckpoint, out: Path, fmt: s
     record: dict = {"key": key, "format": fmt}
     console.print(f"[bold]checkpoint[/] quantizing {spec.precision.value} and exporting TP {spec.tp} shards")
     with stage_progress(console) as (say, step):
+        quantize.cap_gpu_memory(calib_gpu_memory, say)
         if fmt in ("trtllm", "both"):
             info = quantize.export_checkpoint(source.path, spec, out / "checkpoint", say, step)
             record.update(dir="checkpoint", info=info, bytes=dir_size(out / "checkpoint"),
@@ -252,7 +242,8 @@ def engine_stage(spec: BuildSpec, out: Path, console) -> dict:
     script.chmod(0o755)
     try:
         t0 = time.time()
-        record = engine.run_engine_build(spec, out / "checkpoint", out / "engine", out / "engine_build.log")
+        with console.status(f"[bold]engine[/] trtllm-build running, TP {spec.tp} (log: {out / 'engine_build.log'})"):
+            record = engine.run_engine_build(spec, out / "checkpoint", out / "engine", out / "engine_build.log")
     except engine.EngineToolsMissing as e:
         console.print(f"[yellow]engine[/] not built here: {e.message}")
         console.print(f"  → on the 4090D box run [bold]{script}[/] (or the container command inside it)")

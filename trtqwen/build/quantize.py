@@ -12,7 +12,6 @@ import contextlib
 import copy
 import importlib.util
 import json
-import os
 import resource
 import shutil
 import time
@@ -22,8 +21,11 @@ from typing import Callable
 from trtqwen.build import smoothquant
 from trtqwen.build.calib import load_calibration_texts
 from trtqwen.errors import UserError
+from trtqwen.qwen_tokenizer import load_tokenizer
+from trtqwen.files import publishing
+from trtqwen.shape import ModelShape, check_tp
 from trtqwen.build.spec import BuildSpec, KvDtype, Precision
-from trtqwen.build.trtllm_config import CALIBRATED, WEIGHT_ONLY, qwen_checkpoint_config
+from trtqwen.build.trtllm_config import qwen_checkpoint_config
 
 Progress = Callable[[str], None]
 Step = Callable[[str, int, int], None]  # (what, done, total): drives a progress bar
@@ -31,62 +33,14 @@ CALIB_TOKENS_PER_FORWARD = 2048  # rows of calib_seq_len per forward; activation
 # Calibration time in plain forwards over the set (trained 0.5B, 2 CPU cores; rough, docs/PERFORMANCE.md §6):
 # × a plain forward's time; AWQ's search runs every linear at 11 scales: 167 s vs ~10 s plain for 4k tokens (2 cores)
 CALIB_COST = {Precision.INT4_AWQ: 17.0, Precision.INT8_SQ: 1.5, Precision.FP8: 1.5}
-AWQ_GROUP_SIZES = (64, 128)  # what TensorRT-LLM's W4A16_AWQ kernels take
 
 
 # ---------------------------------------------------------------- checks before any heavy work
 
 
-def _awq_inputs_per_rank(hf: dict, tp: int) -> dict[str, int]:
-    heads = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-    return {  # input channels each rank's GEMM sees; AWQ groups run along them
-        "attention.dense (o_proj, row-parallel)": heads * head_dim // tp,
-        "mlp.proj (down_proj, row-parallel)": hf["intermediate_size"] // tp,
-        # the input of column-parallel layers is not split, but ModelOpt 0.37's exporter checks hidden/TP for them too
-        "attention.qkv / mlp.fc / mlp.gate (column-parallel)": hf["hidden_size"] // tp,
-    }
-
-
-def _awq_fits(hf: dict, tp: int, group: int) -> str | None:
-    """The first layer whose per-rank input is not a multiple of the AWQ group, or None."""
-    for layer, dim in _awq_inputs_per_rank(hf, tp).items():
-        if dim % group:
-            return f"{layer} has {dim} input channels per rank"
-    return None
-
-
 def check_shardable(hf: dict, spec: BuildSpec) -> None:
-    """Refuse, before loading or calibrating, shapes that the chosen precision cannot split over spec.tp ranks."""
-    tp, heads = spec.tp, hf["num_attention_heads"]
-    kv_heads = hf.get("num_key_value_heads", heads)
-    # Fewer KV heads than ranks is fine when the exporter can copy them (tp a multiple of kv_heads), except for
-    # SmoothQuant, whose per-channel scales ModelOpt 0.37 cannot duplicate.
-    def kv_ok(t: int) -> bool:
-        return kv_heads % t == 0 or (t % kv_heads == 0 and spec.precision is not Precision.INT8_SQ)
-
-    if heads % tp or not kv_ok(tp):
-        ok = [t for t in (1, 2, 4) if heads % t == 0 and kv_ok(t)]
-        sq_only = spec.precision is Precision.INT8_SQ and heads % tp == 0 and tp % kv_heads == 0
-        sq = " for int8_sq (SmoothQuant cannot duplicate KV heads)" if sq_only else ""
-        raise UserError(
-            f"TP {tp} does not divide the model's {heads} query / {kv_heads} KV heads{sq}",
-            f"use --tp {' or '.join(map(str, ok))}" + (", or another precision" if sq else ""),
-        )
-    if spec.precision is Precision.INT4_AWQ:
-        group = spec.awq_block_size
-        if group not in AWQ_GROUP_SIZES:
-            raise UserError(f"AWQ group size {group} is not supported", "TensorRT-LLM's W4A16_AWQ takes groups of 128 or 64")
-        bad = _awq_fits(hf, tp, group)
-        if bad:
-            tps = [t for t in (1, 2, 4) if t < tp and heads % t == 0 and kv_ok(t) and not _awq_fits(hf, t, group)]
-            groups = [g for g in AWQ_GROUP_SIZES if g != group and not _awq_fits(hf, tp, g)]
-            ways = ([f"--tp {tps[-1]}"] if tps else []) + [f"an AWQ group size of {g} (awq_block_size)" for g in groups]
-            ways.append("a precision without input groups (int4_wo, int8_sq, fp8, int8_wo)")
-            raise UserError(
-                f"INT4-AWQ at TP {tp}: {bad}, not a multiple of the group size {group}",
-                "use " + ", or ".join(ways),
-            )
+    """Refuse, before loading or calibrating, a split the one TP rule refuses (heads, KV heads, AWQ groups)."""
+    check_tp(ModelShape.from_hf(hf), spec.tp, spec.precision, spec.awq_block_size)
 
 
 def _check_hf_dir(hf_dir: Path) -> dict:
@@ -107,9 +61,9 @@ def modelopt_config(spec: BuildSpec) -> dict | None:
     import modelopt.torch.quantization as mtq
 
     kv_bits = {KvDtype.INT8: 8, KvDtype.FP8: (4, 3)}.get(spec.kv_cache_dtype)
-    if spec.precision not in CALIBRATED and kv_bits is None:
+    if not spec.info.calibrated and kv_bits is None:
         return None  # bf16 / fp16 / weight-only: exported as 16-bit weights
-    if spec.precision not in CALIBRATED:
+    if not spec.info.calibrated:
         # TensorRT-LLM's EMPTY_CFG: every GEMM quantizer off; only the KV cache below is calibrated
         cfg = {"quant_cfg": {"*weight_quantizer": {"enable": False}, "*input_quantizer": {"enable": False},
                              "*lm_head*": {"enable": False}, "default": {"enable": False}}, "algorithm": "max"}
@@ -133,6 +87,21 @@ def pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def cap_gpu_memory(gib: float | None, say: Progress | None = None) -> None:
+    """Let this process use at most `gib` GiB of the GPU (torch's caching allocator refuses beyond it), so a 24 GB
+    card's calibration can be reproduced on a larger one; the lent H200 measured int4_awq at 17.04 GiB under 24."""
+    if gib is None or pick_device() != "cuda":
+        return
+    import torch
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    if not 0 < gib * 2**30 <= total:
+        raise UserError(f"--calib-gpu-memory {gib} GiB is not between 0 and this GPU's {total / 2**30:.1f} GiB")
+    torch.cuda.set_per_process_memory_fraction(gib * 2**30 / total)
+    if say:
+        say(f"calibration capped at {gib:g} GiB of the GPU's {total / 2**30:.0f} GiB")
+
+
 def load_hf_model(hf_dir: Path, spec: BuildSpec, device: str):
     import torch
     from transformers import AutoModelForCausalLM
@@ -141,19 +110,6 @@ def load_hf_model(hf_dir: Path, spec: BuildSpec, device: str):
                                                  use_safetensors=True, low_cpu_mem_usage=True).to(device).eval()
     model.config.architectures = ["Qwen2ForCausalLM"]  # the exporter needs it; configs built in code lack it
     return model
-
-
-def load_tokenizer(hf_dir: Path):
-    from transformers import AutoTokenizer
-
-    hint = ("calibration tokenizes text: the HF directory needs the model's tokenizer "
-            "(tokenizer.json, or vocab.json + merges.txt)")
-    if not any((Path(hf_dir) / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer.model")):
-        raise UserError(f"{hf_dir} has no tokenizer files", hint)
-    try:
-        return AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=False)
-    except (OSError, ValueError, TypeError) as e:
-        raise UserError(f"cannot load the tokenizer from {hf_dir}: {e}", hint) from e
 
 
 def calibration_texts(spec: BuildSpec) -> list[str]:
@@ -270,28 +226,10 @@ def _config_step_without_tensorrt_llm():
         mce.convert_to_tensorrt_llm_config = original
 
 
-def _temp_dir_beside(out_dir: Path) -> Path:
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".tmp-{out_dir.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    return tmp
-
-
-def _publish(tmp: Path, out_dir: Path) -> None:
-    """Replace out_dir by the finished tmp dir (same filesystem: the rename is atomic)."""
-    if out_dir.exists():
-        old = out_dir.parent / f".old-{out_dir.name}-{os.getpid()}"
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
-
-
 def _check_exported(exported: dict, spec: BuildSpec) -> None:
     """ModelOpt must report the format spec asked for; anything else would be mislabelled in config.json."""
     q = exported.get("quantization") or {}
-    want = spec.quant_algo if spec.precision in CALIBRATED else None
+    want = spec.quant_algo if spec.info.calibrated else None
     if spec.precision is Precision.INT8_SQ:
         want = smoothquant.MODELOPT_QUANT_ALGO  # rewritten to the per-token layout afterwards
     if q.get("quant_algo") != want:
@@ -327,9 +265,8 @@ def write_checkpoint(model, hf: dict, spec: BuildSpec, out_dir: Path, progress: 
     out_dir = Path(out_dir)
     model.config.architectures = ["Qwen2ForCausalLM"]  # the exporter needs it; configs built in code lack it
     say(f"exporting {spec.tp} rank(s) as {spec.quant_algo or spec.dtype}")
-    tmp = _temp_dir_beside(out_dir)
     t0 = time.perf_counter()
-    try:
+    with publishing(out_dir) as tmp:
         with _config_step_without_tensorrt_llm(), torch.inference_mode():
             export_tensorrt_llm_checkpoint(model, "qwen", getattr(torch, spec.dtype), export_dir=tmp,
                                            inference_tensor_parallel=spec.tp)
@@ -347,16 +284,13 @@ def write_checkpoint(model, hf: dict, spec: BuildSpec, out_dir: Path, progress: 
             for rank in range(spec.tp):
                 f = tmp / f"rank{rank}.safetensors"
                 save_file(smoothquant.to_per_token_layout(load_file(f), hf["num_hidden_layers"]), f)
-        _publish(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     files = {p.name: p.stat().st_size for p in sorted(out_dir.iterdir())}
     say(f"wrote {out_dir} ({sum(files.values()) / 1e6:.1f} MB)")
     return {
         "quant_algo": config["quantization"]["quant_algo"],
         "kv_cache_quant_algo": config["quantization"]["kv_cache_quant_algo"],
         # int8_wo / int4_wo: 16-bit weights here, quantized per channel by TensorRT-LLM when it loads them
-        "weight_only_by_tensorrt_llm": spec.precision in WEIGHT_ONLY,
+        "weight_only_by_tensorrt_llm": spec.info.weight_only,
         "export_seconds": round(time.perf_counter() - t0, 2),
         "files": files,
     }
@@ -423,7 +357,7 @@ def export_hf_checkpoint_dir(hf_dir: Path, spec: BuildSpec, out_dir: Path, progr
     import torch
     from modelopt.torch.export import export_hf_checkpoint
 
-    if spec.precision in WEIGHT_ONLY:
+    if spec.info.weight_only:
         raise UserError(
             f"{spec.precision.value} has no unified HF checkpoint format in ModelOpt 0.37",
             "weight-only int8/int4 is quantized by trtllm-build: use --format trtllm, or int4_awq / fp8 for the HF format",
@@ -435,8 +369,7 @@ def export_hf_checkpoint_dir(hf_dir: Path, spec: BuildSpec, out_dir: Path, progr
     cfg = modelopt_config(spec)
     tokenizer = load_tokenizer(hf_dir) if cfg is not None else None
     info: dict = {"device": device, "quantize_seconds": 0.0}
-    tmp = _temp_dir_beside(out_dir)
-    try:
+    with publishing(out_dir) as tmp:
         with _gpu_memory_is_a_user_error(hf_dir):
             model = load_hf_model(hf_dir, spec, device)
             if cfg is not None:
@@ -447,9 +380,6 @@ def export_hf_checkpoint_dir(hf_dir: Path, spec: BuildSpec, out_dir: Path, progr
                      "vocab.json", "merges.txt", "chat_template.jinja"):
             if (hf_dir / name).is_file() and not (tmp / name).exists():
                 shutil.copy2(hf_dir / name, tmp / name)
-        _publish(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     info.update(export_seconds=round(time.perf_counter() - t0, 2), dir=str(out_dir),
                 files={p.name: p.stat().st_size for p in sorted(out_dir.iterdir())}, **_peak_memory(device))
     return info

@@ -4,98 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 
 from trtqwen.errors import UserError
+from trtqwen.precision import KV_QUANT_ALGO, PRECISIONS, KvDtype, Precision, PrecisionInfo, parse_kv_dtype, parse_precision
+from trtqwen.shape import ModelShape, check_tp
+
+__all__ = ["BuildSpec", "KvDtype", "Precision", "check_spec", "default_output_dir", "parse_kv_dtype", "parse_precision"]
 
 
-class Precision(str, Enum):
-    BF16 = "bf16"
-    FP16 = "fp16"
-    INT8_SQ = "int8_sq"
-    INT8_WO = "int8_wo"
-    INT4_AWQ = "int4_awq"
-    INT4_WO = "int4_wo"
-    FP8 = "fp8"
-
-
-class KvDtype(str, Enum):
-    AUTO = "auto"  # same as the activation dtype (bf16/fp16)
-    INT8 = "int8"
-    FP8 = "fp8"
-
-
-@dataclass(frozen=True)
-class PrecisionInfo:
-    weight_bits: int  # bits per weight of the quantized linear layers
-    quant_algo: str | None  # TensorRT-LLM checkpoint `quantization.quant_algo`
-    needs_calibration: bool
-    needs_fp8_hardware: bool = False
-    group_size: int | None = None  # per-group scales (AWQ), bytes counted by the planner
-
-
-PRECISIONS: dict[Precision, PrecisionInfo] = {
-    Precision.BF16: PrecisionInfo(16, None, False),
-    Precision.FP16: PrecisionInfo(16, None, False),
-    Precision.INT8_SQ: PrecisionInfo(8, "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", True),  # smoothquant.py
-    Precision.INT8_WO: PrecisionInfo(8, "W8A16", False),
-    Precision.INT4_AWQ: PrecisionInfo(4, "W4A16_AWQ", True, group_size=128),
-    Precision.INT4_WO: PrecisionInfo(4, "W4A16", False),
-    Precision.FP8: PrecisionInfo(8, "FP8", True, needs_fp8_hardware=True),
-}
-
-# What users type → canonical precision.
-PRECISION_ALIASES: dict[str, Precision] = {
-    "int4": Precision.INT4_AWQ,
-    "awq": Precision.INT4_AWQ,
-    "int8": Precision.INT8_SQ,
-    "sq": Precision.INT8_SQ,
-    "smoothquant": Precision.INT8_SQ,
-    "bfloat16": Precision.BF16,
-    "float16": Precision.FP16,
-    "half": Precision.FP16,
-    **{p.value: p for p in Precision},
-}
-
-KV_QUANT_ALGO = {KvDtype.AUTO: None, KvDtype.INT8: "INT8", KvDtype.FP8: "FP8"}
-VALID_TP = (1, 2, 4)
-
-
-def parse_precision(text: str | Precision) -> Precision:
-    if isinstance(text, Precision):
-        return text
-    key = text.strip().lower().replace("-", "_")
-    if key not in PRECISION_ALIASES:
-        choices = ", ".join(p.value for p in Precision)
-        raise UserError(
-            f"unknown precision {text!r}",
-            f"use one of {choices} (aliases: int4 = int4_awq, int8 = int8_sq)",
-        )
-    return PRECISION_ALIASES[key]
-
-
-def parse_kv_dtype(text: str | KvDtype | None) -> KvDtype:
-    if text is None:
-        return KvDtype.AUTO
-    if isinstance(text, KvDtype):
-        return text
-    key = text.strip().lower()
-    if key in ("", "auto", "bf16", "fp16", "none"):
-        return KvDtype.AUTO
-    try:
-        return KvDtype(key)
-    except ValueError:
-        raise UserError(f"unknown KV-cache dtype {text!r}", "use int8 or fp8, or leave it out for bf16/fp16") from None
-
-
-def check_tp(tp: int) -> int:
-    if tp not in VALID_TP:
-        raise UserError(
-            f"tensor parallel size {tp} is not supported",
-            "use --tp 1, 2 or 4 (Qwen2.5-7B's 28 query and 4 KV heads divide only by these)",
-        )
-    return tp
+PLANNED = ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "calib_size")  # decide_spec fills these
 
 
 @dataclass(frozen=True)
@@ -107,11 +25,12 @@ class BuildSpec:
     tp: int = 1
     gpu: str = "rtx4090d"
     kv_cache_dtype: KvDtype = KvDtype.AUTO
-    max_batch_size: int = 32
-    max_input_len: int = 2048
-    max_seq_len: int = 4096
-    max_num_tokens: int = 8192
-    calib_size: int = 32
+    # None: the plan decides (decide_spec fills them in before anything is built)
+    max_batch_size: int | None = 32
+    max_input_len: int | None = 2048
+    max_seq_len: int | None = 4096
+    max_num_tokens: int | None = 8192
+    calib_size: int | None = 32
     calib_data: str | None = None  # a user file replacing the bundled calibration set
     calib_seq_len: int = 512
     awq_block_size: int = 128
@@ -120,15 +39,20 @@ class BuildSpec:
     def __post_init__(self):
         object.__setattr__(self, "precision", parse_precision(self.precision))
         object.__setattr__(self, "kv_cache_dtype", parse_kv_dtype(self.kv_cache_dtype))
-        check_tp(self.tp)
         for name in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "calib_size"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.max_input_len > self.max_seq_len:
+        if self.max_input_len and self.max_seq_len and self.max_input_len > self.max_seq_len:
             raise UserError(
                 f"max_input_len {self.max_input_len} exceeds max_seq_len {self.max_seq_len}",
                 "the prompt is part of the sequence: raise --max-seq-len or lower --max-input-len",
             )
+
+    @classmethod
+    def request(cls, model: str, **given) -> "BuildSpec":
+        """What a user asks for: the sizes and calibration count left out (or None) are decided by the plan."""
+        planned = dict.fromkeys(PLANNED)
+        return cls(model=model, **{**planned, **{k: v for k, v in given.items() if v is not None or k not in planned}})
 
     @property
     def info(self) -> PrecisionInfo:
@@ -164,6 +88,20 @@ class BuildSpec:
 
     def replace(self, **changes) -> "BuildSpec":
         return dataclasses.replace(self, **changes)
+
+
+def check_spec(spec: BuildSpec, shape: ModelShape, gpu=None) -> None:
+    """The one validator of a spec against the model (and the GPU it targets): plan, build, package, verify and
+    serve call it, so a spec that cannot work is refused with the same words at every stage."""
+    check_tp(shape, spec.tp, spec.precision, spec.awq_block_size)
+    if spec.max_seq_len > shape.max_position_embeddings:
+        raise UserError(f"max sequence length {spec.max_seq_len} exceeds the model's {shape.max_position_embeddings} positions",
+                        f"use --max-seq-len {shape.max_position_embeddings} or less")
+    if gpu is not None and (spec.info.needs_fp8_hardware or spec.kv_cache_dtype is KvDtype.FP8) and not gpu.has_fp8:
+        raise UserError(
+            f"FP8 needs an Ada (sm_89) or Hopper GPU; {gpu.name} (sm_{gpu.compute_capability.replace('.', '')}) has none",
+            "use int8_sq or int4_awq with the default 16-bit KV cache (an INT8 KV cache breaks Qwen2.5: README)",
+        )
 
 
 def default_output_dir(spec: BuildSpec, root: Path = Path("engines")) -> Path:

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 from trtqwen.errors import UserError
-from trtqwen.qwen_tokenizer import write_qwen_tokenizer
+from trtqwen.files import publishing
+from trtqwen.qwen_tokenizer import EOS_ID, PAD_ID, write_qwen_tokenizer
 
 COMMON = dict(
     architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=151936,  # Qwen2.5's padding for small models
     rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, hidden_act="silu",
     max_position_embeddings=4096,  # enough for every test and the demo; keeps RoPE tables and max_seq_len small
-    bos_token_id=151643, eos_token_id=151645, use_sliding_window=False, attention_dropout=0.0,
+    bos_token_id=PAD_ID, eos_token_id=EOS_ID, use_sliding_window=False, attention_dropout=0.0,
     initializer_range=0.08,  # ≈ 1/√hidden: attention matters, so conversion bugs show in the logits
 )
 PRESETS: dict[str, dict] = {
@@ -28,7 +27,7 @@ PRESETS: dict[str, dict] = {
 DTYPES = ("bfloat16", "float16", "float32")
 RECORD = "trtqwen_tiny.json"
 # Qwen2.5-Instruct's generation_config.json.
-GENERATION = dict(bos_token_id=151643, eos_token_id=[151645, 151643], pad_token_id=151643, do_sample=True,
+GENERATION = dict(bos_token_id=PAD_ID, eos_token_id=[EOS_ID, PAD_ID], pad_token_id=PAD_ID, do_sample=True,
                   temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05)
 FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
          RECORD)
@@ -76,11 +75,7 @@ def make_tiny(out: Path, preset: str = "tiny", seed: int = 0, dtype: str = "bflo
                 proj.bias.normal_(0.0, 0.02)
     model = model.to(getattr(torch, dtype))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
-    old = out.parent / f".old-{out.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with publishing(out) as tmp:  # --force: the old directory is replaced only once the new one is complete
         model.save_pretrained(tmp, safe_serialization=True)
         # transformers 4.57 writes "dtype"; Qwen2.5's own config.json (and older tools) say torch_dtype
         cfg_path = tmp / "config.json"
@@ -90,13 +85,4 @@ def make_tiny(out: Path, preset: str = "tiny", seed: int = 0, dtype: str = "bflo
         GenerationConfig(**GENERATION).save_pretrained(tmp)
         write_qwen_tokenizer(tmp, config.max_position_embeddings)
         (tmp / RECORD).write_text(json.dumps(record) + "\n")  # last: marks the directory complete
-        if out.exists() or out.is_symlink():  # --force: move the old one aside, then swap in the new one
-            os.replace(out, old)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        elif old.exists() or old.is_symlink():
-            old.unlink()
     return out

@@ -8,7 +8,6 @@ tensorrt_llm/commands/build.py and tensorrt_llm/plugin/plugin.py, 1.2.x).
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
 import json
 import os
@@ -18,7 +17,10 @@ import subprocess
 from pathlib import Path
 
 from trtqwen.errors import UserError
-from trtqwen.build.spec import BuildSpec, KvDtype, Precision
+from trtqwen.build.hardware import compute_capability
+from trtqwen.build.spec import BuildSpec, KvDtype, Precision, check_spec
+from trtqwen.checkpoint import read_checkpoint
+from trtqwen.versions import package_version
 
 TRTLLM_VERSION = "1.2.1"
 TRTLLM_SERIES = "1.2."  # every 1.2.x has the same trtllm-build flags; engines still need the exact version to serve
@@ -268,19 +270,7 @@ echo "build.sh: engines in $PWD/$ENGINE (versions in $ENGINE/{ENGINE_RECORD})"
 """
 
 
-# ── version gate ──────────────────────────────────────────────────────────────────────────────────────────────
-
-
-def _cc(value) -> str | None:
-    """Compute capability as "8.9", from "8.9", "sm_89", "89" or (8, 9)."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, (tuple, list)):
-        return f"{int(value[0])}.{int(value[1])}"
-    text = str(value).strip().lower().removeprefix("sm_").removeprefix("sm")
-    if "." in text:
-        return text
-    return f"{text[:-1]}.{text[-1]}" if text.isdigit() and len(text) >= 2 else text
+# ── what an engine was built with (the serve gate, serve/repo/checks.py, compares it) ──────────────────────────
 
 
 def engine_record(versions: dict, gpu: dict) -> dict:
@@ -290,46 +280,11 @@ def engine_record(versions: dict, gpu: dict) -> dict:
         "tensorrt": versions.get("tensorrt"),
         "cuda": versions.get("cuda"),
         "gpu": gpu.get("name"),
-        "compute_capability": _cc(gpu.get("compute_capability")),
+        "compute_capability": compute_capability(gpu.get("compute_capability")),
     }
 
 
-_GATES = (("tensorrt_llm", "TensorRT-LLM"), ("tensorrt", "TensorRT"), ("compute_capability", "GPU compute capability"))
-
-
-def check_engine_compatible(recorded: dict, serving: dict) -> None:
-    """Refuse an engine built by another TensorRT-LLM or TensorRT, or for another GPU architecture.
-
-    TensorRT would refuse it anyway, late and cryptically ("Serialization assertion ... Version tag does not match").
-    """
-    mismatches = []
-    for key, what in _GATES:
-        built, now = recorded.get(key), serving.get(key)
-        if key == "compute_capability":
-            built, now = _cc(built), _cc(now)
-        if built and now and str(built) != str(now):
-            if key == "compute_capability":
-                built, now = f"{built} (sm_{built.replace('.', '')})", f"{now} (sm_{now.replace('.', '')})"
-            mismatches.append(f"{what}: built with {built}, this machine has {now}")
-    if mismatches:
-        raise UserError(
-            "this engine cannot be loaded here (TensorRT would fail with 'Version tag does not match'): "
-            + "; ".join(mismatches),
-            "engines load only with the exact TensorRT-LLM/TensorRT and GPU architecture that built them: serve in "
-            f"the image that built it ({TRTLLM_IMAGE} for trtqwen builds), or rebuild with build.sh on this machine",
-        )
-
-
 # ── the shell: find TensorRT-LLM and a GPU, run trtllm-build ──────────────────────────────────────────────────
-
-
-def _dist_version(*dists: str) -> str | None:
-    for dist in dists:
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return None
 
 
 def _module_version(module: str) -> str | None:
@@ -346,7 +301,7 @@ def trtllm_versions() -> dict | None:
             return None
     except (ImportError, ValueError):
         return None
-    trtllm = _dist_version("tensorrt_llm", "tensorrt-llm") or _module_version("tensorrt_llm")
+    trtllm = package_version("tensorrt_llm", "tensorrt-llm") or _module_version("tensorrt_llm")
     if trtllm is None:
         return None
     try:
@@ -357,7 +312,7 @@ def trtllm_versions() -> dict | None:
         cuda = None
     return {
         "tensorrt_llm": trtllm,
-        "tensorrt": _dist_version("tensorrt", "tensorrt-cu13", "tensorrt-cu12") or _module_version("tensorrt"),
+        "tensorrt": package_version("tensorrt", "tensorrt-cu13", "tensorrt-cu12") or _module_version("tensorrt"),
         "cuda": cuda,
     }
 
@@ -383,19 +338,12 @@ def _gpus() -> list[dict]:
 
 def arch_warning(spec: BuildSpec, gpu: dict) -> str | None:
     """Engines built on one SM (an sm_90 H100) do not load on another (the sm_89 4090D)."""
-    want, have = target_compute_capability(spec), _cc(gpu.get("compute_capability"))
+    want, have = target_compute_capability(spec), compute_capability(gpu.get("compute_capability"))
     if not want or not have or want == have:
         return None
     return (f"this machine's GPU ({gpu.get('name')}) is sm_{have.replace('.', '')} but the build targets {spec.gpu} "
             f"(sm_{want.replace('.', '')}): the engines will load only on sm_{have.replace('.', '')} GPUs; build on the "
             "target box with build.sh to serve there")
-
-
-def _checkpoint_tp(checkpoint_dir: Path) -> int | None:
-    cfg = json.loads((checkpoint_dir / "config.json").read_text())
-    mapping = cfg.get("mapping") or {}
-    tp = mapping.get("tp_size", mapping.get("world_size"))
-    return int(tp) if tp is not None else None
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -429,9 +377,10 @@ def run_engine_build(spec: BuildSpec, checkpoint_dir: Path, engine_dir: Path, lo
     if not (checkpoint_dir / "config.json").is_file():
         raise UserError(f"no TensorRT-LLM checkpoint at {checkpoint_dir} (config.json missing)",
                         "run the checkpoint stage first: trtqwen build")
-    ckpt_tp = _checkpoint_tp(checkpoint_dir)
-    if ckpt_tp is not None and ckpt_tp != spec.tp:
-        raise UserError(f"the checkpoint at {checkpoint_dir} is sharded for TP {ckpt_tp}, the spec says TP {spec.tp}",
+    ck = read_checkpoint(checkpoint_dir)  # the one reader: shape, TP rule and rank files
+    check_spec(spec, ck.shape)
+    if ck.tp != spec.tp:
+        raise UserError(f"the checkpoint at {checkpoint_dir} is sharded for TP {ck.tp}, the spec says TP {spec.tp}",
                         f"rebuild the checkpoint with --tp {spec.tp} --force")
 
     warnings = build_warnings(spec)

@@ -11,32 +11,7 @@ from __future__ import annotations
 
 from trtqwen.errors import UserError
 from trtqwen.build.spec import BuildSpec, Precision
-
-# Weight-only formats: the checkpoint holds 16-bit weights and TensorRT-LLM quantizes them per channel when it
-# loads the checkpoint (examples/quantization/quantize.py exports them unquantized and sets only quant_algo).
-WEIGHT_ONLY = {Precision.INT8_WO: "W8A16", Precision.INT4_WO: "W4A16"}
-# What ModelOpt quantizes (and so what its exporter reports in `quantization`).
-CALIBRATED = (Precision.INT8_SQ, Precision.INT4_AWQ, Precision.FP8)
-
-
-def rope_theta(hf: dict) -> float:
-    """RoPE base from either transformers layout (4.x: `rope_theta`; 5.x: `rope_parameters.rope_theta`).
-
-    No default: transformers 4.57 falls back to 10000, TensorRT-LLM's QWenConfig.from_hugging_face to 100000 and
-    QWenConfig itself to 10000, while Qwen2/2.5 use 1e6 — a guess here would build an engine that runs and talks
-    nonsense. Every config that transformers saves carries the value.
-    """
-    value = hf.get("rope_theta")
-    if value is None:
-        value = (hf.get("rope_parameters") or {}).get("rope_theta")
-    if value is None:
-        raise UserError(
-            "the model's config.json has neither rope_theta nor rope_parameters.rope_theta",
-            "add the model's RoPE base (Qwen2.5 uses \"rope_theta\": 1000000.0); TensorRT-LLM would otherwise "
-            "fall back to 10000 and the engine would produce garbage",
-        )
-    return float(value)
-
+from trtqwen.shape import rope_theta
 
 def rotary_scaling(hf: dict) -> dict | None:
     """HF rope scaling (4.x `rope_scaling`, 5.x `rope_parameters`) as TensorRT-LLM's `rotary_scaling`, which reads `type`."""
@@ -61,11 +36,11 @@ def mapping_section(tp: int) -> dict:
 def quantization_section(spec: BuildSpec, exported: dict | None = None) -> dict:
     """QuantConfig.to_dict(). `exported` is the `quantization` ModelOpt's exporter reported (None: derive from spec)."""
     exported = exported or {}
-    calibrated = spec.precision in CALIBRATED
-    if spec.precision in WEIGHT_ONLY:
-        algo = WEIGHT_ONLY[spec.precision]
-    else:  # bf16 / fp16 are full precision even when only the KV cache is quantized
-        algo = spec.quant_algo if calibrated else None  # quantize.py checked what ModelOpt exported
+    # weight-only formats: 16-bit weights, quantized per channel by TensorRT-LLM when it loads the checkpoint
+    # (examples/quantization/quantize.py exports them unquantized and sets only quant_algo); bf16 / fp16 stay full
+    # precision even when only the KV cache is quantized; the calibrated ones as quantize.py checked ModelOpt wrote them
+    calibrated = spec.info.calibrated
+    algo = spec.quant_algo
     awq = spec.precision is Precision.INT4_AWQ
     return {
         "quant_algo": algo,

@@ -13,33 +13,17 @@ from pathlib import Path
 
 import torch
 
-from trtqwen.errors import UserError
 from trtqwen.build.manifest import read_manifest
+from trtqwen.build.spec import BuildSpec, check_spec
+from trtqwen.checkpoint import Checkpoint, read_checkpoint
+from trtqwen.errors import UserError
+from trtqwen.precision import PRECISIONS, Precision
+from trtqwen.qwen_tokenizer import load_tokenizer
 
-# Per quant_algo: minimum mean cosine, minimum top-1 agreement, maximum perplexity ratio (checkpoint / HF).
-# Trained weights (the default): just below what the trained Qwen2.5-Coder-0.5B measures (docs/PERFORMANCE.md §6);
-# a 7B loses less to quantization than a 0.5B, so it passes with room, and conversion bugs fall far below.
-TRAINED: dict[str | None, tuple[float, float, float]] = {
-    None: (0.9999, 0.99, 1.01),  # bf16 / fp16: only the rounding of the export dtype (measured exact)
-    "W8A16": (0.999, 0.95, 1.02),  # measured 0.9998 / 0.968 / 1.006
-    "W8A8_SQ_PER_CHANNEL": (0.995, 0.90, 1.04),
-    "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN": (0.995, 0.90, 1.04),  # 0.9987 / 0.923 / 1.023
-    "FP8": (0.995, 0.90, 1.05),  # 0.9981 / 0.929 / 0.985
-    "W4A16_AWQ": (0.97, 0.85, 1.12),  # 0.981-0.982 / 0.871-0.884 / 1.074-1.100 over 4-32 calibration samples
-    "W4A16": (0.95, 0.80, 1.15),  # per-channel INT4 measured 0.916 / 0.690 / 1.371: it fails, as it should
-}
-# Random weights (`trtqwen tiny`, the test models): flat logits make top-1 a toss-up between near-ties, so these sit
-# just below what honest exports of the random tiny models measure.
-RANDOM_WEIGHTS: dict[str | None, tuple[float, float, float]] = {
-    None: (0.9999, 0.99, 1.01),
-    "W8A16": (0.998, 0.85, 1.03),
-    "W8A8_SQ_PER_CHANNEL": (0.99, 0.70, 1.05),
-    "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN": (0.99, 0.70, 1.05),
-    "FP8": (0.98, 0.55, 1.05),
-    "W4A16_AWQ": (0.88, 0.15, 1.10),
-    "W4A16": (0.85, 0.15, 1.10),
-}
-TABLES = {"trained": TRAINED, "random-weights": RANDOM_WEIGHTS}
+# Thresholds per precision live in the precision table (trtqwen/precision.py): "trained" just below what the
+# trained Qwen2.5-Coder-0.5B measures (a 7B loses less to quantization, so it passes with room, and conversion bugs
+# fall far below); "random-weights" for the random test models, whose flat logits make top-1 a toss-up.
+TABLES = ("trained", "random-weights")
 UNTRAINED_PPL = 1000.0  # "auto": a trained LM reads the default prompts at perplexity ~10, random weights at ~vocab size
 KV_QUANT_ALLOWANCE = (0.005, 0.10, 0.02)  # an INT8/FP8 KV cache costs about what INT8 weights cost
 
@@ -83,14 +67,31 @@ class VerifyReport(Metrics):
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def table(self):
+        from rich.table import Table
 
-def thresholds_for(quant_algo: str | None, kv_algo: str | None, table: str = "trained") -> dict:
+        lim = self.thresholds
+        t = Table(title=f"verify {self.checkpoint} ({self.quant_algo or 'unquantized'}, TP {self.tp}; {lim['table']} thresholds)")
+        for c in ("metric", "value", "threshold"):
+            t.add_column(c)
+        t.add_row("logits cosine (mean)", f"{self.cosine_mean:.6f}", f"≥ {lim['cosine_mean']}")
+        t.add_row("logits cosine (min)", f"{self.cosine_min:.6f}", "")
+        t.add_row("max abs error", f"{self.max_abs_error:.4g}", "")
+        t.add_row("top-1 agreement", f"{self.top1_agreement:.3f}", f"≥ {lim['top1_agreement']}")
+        t.add_row("perplexity (reference → checkpoint)", f"{self.ppl_reference:.3f} → {self.ppl_checkpoint:.3f}",
+                  f"ratio ≤ {lim['ppl_ratio']}")
+        return t
+
+    @property
+    def verdict(self) -> str:
+        return "[green]PASS[/]" if self.passed else "[red]FAIL[/]: " + "; ".join(self.failures)
+
+
+def thresholds_for(precision: Precision, kv_algo: str | None, table: str = "trained") -> dict:
     if table not in TABLES:
         raise UserError(f"no threshold table {table!r}", f"choose one of: auto, {', '.join(TABLES)}")
-    if quant_algo not in TABLES[table]:
-        raise UserError(f"no verification thresholds for quant_algo {quant_algo!r}",
-                        f"known: {', '.join(str(k) for k in TABLES[table])}")
-    cos, top1, ppl = TABLES[table][quant_algo]
+    info = PRECISIONS[precision]
+    cos, top1, ppl = info.trained if table == "trained" else info.random_weights
     if kv_algo:
         cos, top1, ppl = cos - KV_QUANT_ALLOWANCE[0], top1 - KV_QUANT_ALLOWANCE[1], ppl + KV_QUANT_ALLOWANCE[2]
     return {"table": table, "cosine_mean": cos, "top1_agreement": top1, "ppl_ratio": ppl}
@@ -119,20 +120,20 @@ def compare(ref_logits: torch.Tensor, ck_logits: torch.Tensor, tokens: torch.Ten
     )
 
 
-def resolve_inputs(checkpoint: Path, against: Path | None) -> tuple[Path, Path]:
-    """--against defaults to the source recorded in the build manifest next to the checkpoint."""
-    checkpoint = Path(checkpoint)
-    if not (checkpoint / "config.json").is_file():
-        raise UserError(f"{checkpoint} is not a TensorRT-LLM checkpoint (no config.json)",
-                        "pass the checkpoint/ directory of a `trtqwen build` output")
+def resolve_inputs(checkpoint: Path, against: Path | None) -> tuple[Checkpoint, Path]:
+    """The checkpoint through the one reader (and, in a build directory, the one spec validator); --against defaults
+    to the source recorded in the build manifest next to it."""
+    ck = read_checkpoint(checkpoint)
+    manifest = read_manifest(ck.path.parent)
+    if manifest and "spec" in manifest:
+        check_spec(BuildSpec.from_dict(manifest["spec"]), ck.shape)
     if against is None:
-        manifest = read_manifest(checkpoint.parent)
         if not manifest:
             raise UserError("no --against given and no build.json next to the checkpoint", "pass --against <HF model dir>")
         against = Path(manifest["source"]["path"])
     if not (Path(against) / "config.json").is_file():
         raise UserError(f"--against {against} is not an HF model directory")
-    return checkpoint, Path(against)
+    return ck, Path(against)
 
 
 def load_prompts(path: Path | None) -> list[str]:
@@ -149,18 +150,14 @@ def load_prompts(path: Path | None) -> list[str]:
 
 def verify(checkpoint: Path, against: Path | None = None, prompts_file: Path | None = None, device: str | None = None,
            thresholds: str = "auto") -> VerifyReport:
-    from transformers import AutoTokenizer
-
     from trtqwen.runtime import load_model
 
-    checkpoint, against = resolve_inputs(checkpoint, against)
+    ck, against = resolve_inputs(checkpoint, against)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    ck_cfg = json.loads((checkpoint / "config.json").read_text())
-    quant = ck_cfg.get("quantization") or {}
-    thresholds_for(quant.get("quant_algo"), None, "trained" if thresholds == "auto" else thresholds)  # refuse early
-    tok = AutoTokenizer.from_pretrained(against, trust_remote_code=False)
+    thresholds_for(ck.precision, None, "trained" if thresholds == "auto" else thresholds)  # refuse early
+    tok = load_tokenizer(against)
     reference = load_model(against, device=device, dtype=torch.float32)
-    candidate = load_model(checkpoint, device=device, dtype=torch.float32)
+    candidate = load_model(ck.path, device=device, dtype=torch.float32)
     results = []
     for text in load_prompts(prompts_file):
         ids = torch.tensor(tok(text)["input_ids"][: reference.max_positions], dtype=torch.long)
@@ -173,10 +170,10 @@ def verify(checkpoint: Path, against: Path | None = None, prompts_file: Path | N
     avg = lambda f: sum(getattr(r, f) * n for r, n in zip(results, w)) / sum(w)  # noqa: E731
     ppl_ref = math.exp(sum(math.log(r.ppl_reference) * n for r, n in zip(results, w)) / sum(w))
     ppl_ck = math.exp(sum(math.log(r.ppl_checkpoint) * n for r, n in zip(results, w)) / sum(w))
-    limits = thresholds_for(quant.get("quant_algo"), quant.get("kv_cache_quant_algo"), pick_table(thresholds, ppl_ref))
+    limits = thresholds_for(ck.precision, ck.kv_cache_quant_algo, pick_table(thresholds, ppl_ref))
     report = VerifyReport(
-        checkpoint=str(checkpoint), against=str(against), quant_algo=quant.get("quant_algo"),
-        kv_cache_quant_algo=quant.get("kv_cache_quant_algo"), tp=(ck_cfg.get("mapping") or {}).get("tp_size", 1),
+        checkpoint=str(ck.path), against=str(against), quant_algo=ck.quant_algo,
+        kv_cache_quant_algo=ck.kv_cache_quant_algo, tp=ck.tp,
         cosine_mean=avg("cosine_mean"), cosine_min=min(r.cosine_min for r in results),
         max_abs_error=max(r.max_abs_error for r in results), top1_agreement=avg("top1_agreement"),
         ppl_reference=ppl_ref, ppl_checkpoint=ppl_ck, thresholds=limits, passed=True, failures=[], prompts=results,

@@ -1,30 +1,24 @@
 """Streaming client for a tensorrtllm_backend-layout Triton deployment (ours, or NVIDIA's on a 4090D).
 
-gRPC streaming (and HTTP `generate_stream`), Qwen's ChatML template, Qwen's end/pad ids and stop words,
+gRPC streaming, Qwen's ChatML template, Qwen's end/pad ids and stop words,
 and input names discovered from the served model's config, so deployments made by other tools work.
 Every request reports time to first token, inter-token gaps and token counts.
 """
 
 from __future__ import annotations
 
-import json
 import queue
 import random
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
 
 from trtqwen.errors import UserError
-from trtqwen.qwen_tokenizer import DEFAULT_SYSTEM
+from trtqwen.qwen_tokenizer import DEFAULT_SYSTEM, ENDOFTEXT, EOS_ID, IM_END, IM_START, PAD_ID
 from trtqwen.serve.repo.text import BAD_REQUEST
-
-IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
-QWEN_END_ID, QWEN_PAD_ID = 151645, 151643
 
 # Canonical name → names it has had across tensorrtllm_backend versions (0.x first, 1.x renames after).
 INPUT_ALIASES = {
@@ -67,9 +61,12 @@ def server_error(message: str) -> UserError:
     return UserError(f"server error: {message}")
 
 
+DEFAULT_MAX_TOKENS = 512  # one answer's length for every client: chat, web demo, OpenAI proxy
+
+
 @dataclass
 class GenerationParams:
-    max_tokens: int = 256
+    max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 0.0
@@ -79,8 +76,8 @@ class GenerationParams:
     frequency_penalty: float | None = None
     min_tokens: int | None = None
     stop_words: list[str] = field(default_factory=lambda: [IM_END, ENDOFTEXT])
-    end_id: int = QWEN_END_ID
-    pad_id: int = QWEN_PAD_ID
+    end_id: int = EOS_ID
+    pad_id: int = PAD_ID
 
 
 @dataclass
@@ -119,12 +116,11 @@ class Result:
 class TritonLLMClient:
     """Talks to `ensemble` or `tensorrt_llm_bls` (same text interface) over gRPC streams."""
 
-    def __init__(self, url: str = "127.0.0.1:8001", model: str = "ensemble", http_url: str | None = None,
-                 timeout: float = 5.0, idle_timeout: float = IDLE_TIMEOUT_S):
+    def __init__(self, url: str = "127.0.0.1:8001", model: str = "ensemble", timeout: float = 5.0,
+                 idle_timeout: float = IDLE_TIMEOUT_S):
         import tritonclient.grpc as grpcclient
 
         self.url, self.model, self.idle_timeout = url, model, idle_timeout
-        self.http_url = http_url
         self.grpc = grpcclient
         try:
             self.client = grpcclient.InferenceServerClient(url, channel_args=CHANNEL_ARGS)
@@ -253,9 +249,6 @@ class TritonLLMClient:
             timing = Timing(start=time.perf_counter(), end=time.perf_counter())
         return Result("".join(pieces), timing)
 
-    def chat(self, messages: list[dict], params: GenerationParams | None = None, system: str | None = DEFAULT_SYSTEM):
-        return self.stream(chatml(messages, system), params)
-
 
 def connect(url: str, model: str | None = None, **kw) -> TritonLLMClient:
     """A client for `model`; None: tensorrt_llm_bls when served (a closed stream cancels generation there; Triton 2.51
@@ -268,28 +261,3 @@ def connect(url: str, model: str | None = None, **kw) -> TritonLLMClient:
         if "is not served" not in e.message:
             raise
         return TritonLLMClient(url, "ensemble", **kw)
-
-
-def http_generate_stream(http_url: str, model: str, prompt: str, params: GenerationParams | None = None,
-                         timeout: float = 600) -> Iterator[str]:
-    """POST /v2/models/<model>/generate_stream (SSE) → text deltas; raises UserError on an error event."""
-    p = params or GenerationParams()
-    body = {"text_input": prompt, "max_tokens": p.max_tokens, "end_id": p.end_id, "pad_id": p.pad_id,
-            "temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p, "stream": True,
-            "stop_words": p.stop_words}
-    req = urllib.request.Request(f"http://{http_url}/v2/models/{model}/generate_stream", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            for raw in resp:
-                line = raw.decode("utf-8").strip()
-                if not line.startswith("data:"):
-                    continue
-                event = json.loads(line[5:])
-                if "error" in event:
-                    raise server_error(str(event["error"]))
-                yield event.get("text_output", "")
-    except urllib.error.HTTPError as e:
-        raise UserError(f"server error {e.code}: {e.read().decode(errors='replace')}") from None
-    except urllib.error.URLError as e:
-        raise UserError(f"cannot reach {http_url}: {e.reason}", "check --http-url and that the server runs") from None

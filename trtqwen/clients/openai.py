@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 
-from trtqwen.clients.client import ENDOFTEXT, IM_END, GenerationParams, RequestRejected, TritonLLMClient, chatml, connect
+from trtqwen.clients.client import DEFAULT_MAX_TOKENS, GenerationParams, RequestRejected, TritonLLMClient, chatml, connect
+from trtqwen.qwen_tokenizer import ENDOFTEXT, IM_END
 from trtqwen.errors import UserError
 
-DEFAULT_MAX_TOKENS = 256
 MAX_STOP = 4
 PENALTY = (-2.0, 2.0)  # OpenAI's range for presence_penalty and frequency_penalty
 INT32_MAX = 2**31 - 1  # Triton's max_tokens, top_k and min_tokens are INT32 tensors

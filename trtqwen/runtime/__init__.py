@@ -1,11 +1,38 @@
 """Reference runtime: Qwen2 inference in PyTorch over TensorRT-LLM or HF checkpoints, with continuous batching.
 
 Stands in for the TensorRT-LLM engine where it cannot run, and checks checkpoints (`trtqwen verify`).
+layers/ (one idea a file) → models/qwen2.py → loader.py → engine/ (scheduler, model runner, LLMEngine); tp/ runs
+a TP checkpoint as one process per rank.
 """
 
-from trtqwen.runtime.config import ModelConfig
-from trtqwen.runtime.engine import LLMEngine, Request
-from trtqwen.runtime.loader import load_model
-from trtqwen.runtime.sampling import SamplingParams
+from __future__ import annotations
 
-__all__ = ["ModelConfig", "LLMEngine", "Request", "SamplingParams", "load_model"]
+from pathlib import Path
+
+import torch
+
+from trtqwen.checkpoint import is_trtllm_checkpoint, read_checkpoint
+from trtqwen.runtime.engine.llm_engine import LLMEngine
+from trtqwen.runtime.engine.sequence import Request
+from trtqwen.runtime.layers.sampler import SamplingParams
+from trtqwen.runtime.loader import load_merged
+
+__all__ = ["LLMEngine", "Request", "SamplingParams", "load_model"]
+
+
+def load_model(path: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               max_positions: int | None = None, int4_kernels: bool | None = None, tp_ranks: bool = False,
+               gpu_ids: list[int] | None = None):
+    """HF dir or TensorRT-LLM checkpoint → Qwen2Model on device (float32 on CPU, bf16 on CUDA by default).
+
+    int4_kernels (default: on a GPU in bf16) runs INT4-AWQ linears on packed int4 weights instead of
+    dequantized 16-bit copies: the speed and the memory a 4-bit checkpoint is for.
+    tp_ranks: run a TP > 1 checkpoint as one process per rank (runtime/tp/; on GPUs gpu_ids, default 0..tp-1)
+    instead of merging its shards; the returned proxy must be close()d.
+    """
+    path = Path(path)
+    if tp_ranks and is_trtllm_checkpoint(path) and read_checkpoint(path).tp > 1:
+        from trtqwen.runtime.tp import load_tp_model  # here: the loader knows nothing of processes
+
+        return load_tp_model(path, str(device), gpu_ids, dtype, max_positions, int4_kernels)
+    return load_merged(path, device, dtype, max_positions, int4_kernels)

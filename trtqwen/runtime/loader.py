@@ -1,20 +1,21 @@
-"""Load Qwen2 weights from an HF checkpoint or a TensorRT-LLM checkpoint (any precision, any TP) into Qwen2Model."""
+"""Load Qwen2 weights from an HF checkpoint or a TensorRT-LLM checkpoint (any precision, any TP) into Qwen2Model.
+
+A TensorRT-LLM checkpoint is read only through trtqwen.checkpoint (its shape, precision and rank files).
+"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from trtqwen.checkpoint import Checkpoint, is_trtllm_checkpoint, read_checkpoint, read_config
 from trtqwen.errors import UserError
-from trtqwen.runtime.config import ModelConfig
-from trtqwen.runtime.layers import Linear
-from trtqwen.runtime.model import LayerWeights, Qwen2Model
-
-# SmoothQuant with dynamic per-token activation scales (TensorRT-LLM's plugin path; trtqwen/build/smoothquant.py)
-SQ_PER_TOKEN = ("W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", "W8A8_SQ_PER_TENSOR_PER_TOKEN_PLUGIN")
+from trtqwen.precision import SQ_PER_TOKEN_ALGOS
+from trtqwen.runtime.layers.linear import Linear, merge_column, merge_row
+from trtqwen.runtime.models.qwen2 import DecoderLayer, Qwen2Model
+from trtqwen.shape import ModelShape
 
 
 def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
@@ -26,35 +27,6 @@ def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
     return out
 
 
-def checkpoint_kind(path: Path) -> str:
-    cfg_path = Path(path) / "config.json"
-    if not cfg_path.is_file():
-        raise UserError(f"{path} has no config.json", "pass an HF model directory or a TensorRT-LLM checkpoint from `trtqwen build`")
-    cfg = json.loads(cfg_path.read_text())
-    return "trtllm" if "architecture" in cfg and "mapping" in cfg else "hf"
-
-
-def load_model(path: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-               max_positions: int | None = None, int4_kernels: bool | None = None, tp_ranks: bool = False,
-               gpu_ids: list[int] | None = None):
-    """HF dir or TensorRT-LLM checkpoint → Qwen2Model on device (float32 on CPU, bf16 on CUDA by default).
-
-    int4_kernels (default: on a GPU in bf16) runs INT4-AWQ linears on packed int4 weights instead of
-    dequantized 16-bit copies: the speed and the memory a 4-bit checkpoint is for.
-    tp_ranks: run a TP > 1 checkpoint as one process per rank (runtime/tp.py; on GPUs gpu_ids, default 0..tp-1)
-    instead of merging its shards; the returned proxy must be close()d.
-    """
-    path = Path(path)
-    kind = checkpoint_kind(path)
-    if tp_ranks and kind == "trtllm" and checkpoint_tp(path) > 1:
-        from trtqwen.runtime.tp import load_tp_model
-
-        return load_tp_model(path, str(device), gpu_ids, dtype, max_positions, int4_kernels)
-    dtype, int4_kernels = target_dtype(device, dtype, int4_kernels)
-    model = load_hf(path, max_positions) if kind == "hf" else load_trtllm(path, max_positions)
-    return model.to(device=device, dtype=dtype, int4_kernels=int4_kernels)
-
-
 def target_dtype(device, dtype: torch.dtype | None, int4_kernels: bool | None) -> tuple[torch.dtype, bool]:
     """The defaults: float32 on CPU, bf16 on CUDA; int4 kernels on a GPU in bf16."""
     on_cpu = torch.device(device).type == "cpu"
@@ -62,8 +34,27 @@ def target_dtype(device, dtype: torch.dtype | None, int4_kernels: bool | None) -
     return dtype, (not on_cpu and dtype == torch.bfloat16) if int4_kernels is None else int4_kernels
 
 
+def place(model: Qwen2Model, device, dtype: torch.dtype | None, int4_kernels: bool | None) -> Qwen2Model:
+    """Cast and move the model; int4 kernels pack AWQ linears on the device first (their float copies never move)."""
+    dtype, int4_kernels = target_dtype(device, dtype, int4_kernels)
+    if int4_kernels:
+        model.use_int4_kernels(device, dtype)
+    return model.to(device=device, dtype=dtype)
+
+
+def load_merged(path: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                max_positions: int | None = None, int4_kernels: bool | None = None) -> Qwen2Model:
+    """HF dir or TensorRT-LLM checkpoint (its TP shards merged) → Qwen2Model on device."""
+    model = load_trtllm(path, max_positions) if is_trtllm_checkpoint(Path(path)) else load_hf(Path(path), max_positions)
+    return place(model, device, dtype, int4_kernels)
+
+
 def load_hf(path: Path, max_positions: int | None = None) -> Qwen2Model:
-    cfg = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
+    raw = read_config(path)
+    arch = (raw.get("architectures") or ["?"])[0]
+    if arch != "Qwen2ForCausalLM":  # ModelShape.from_hf also takes model_type qwen2: the runtime runs Qwen2 only
+        raise UserError(f"checkpoint architecture is {arch}, not Qwen2ForCausalLM", "the reference runtime runs Qwen2 models")
+    cfg = ModelShape.from_hf(raw)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise UserError(f"{path} has no *.safetensors weights", "the runtime loads safetensors only")
@@ -74,8 +65,8 @@ def load_hf(path: Path, max_positions: int | None = None) -> Qwen2Model:
         a = p + "self_attn."
         qkv_w = torch.cat([t[a + "q_proj.weight"], t[a + "k_proj.weight"], t[a + "v_proj.weight"]])
         qkv_b = torch.cat([t[a + "q_proj.bias"], t[a + "k_proj.bias"], t[a + "v_proj.bias"]])
-        layers.append(LayerWeights(
-            ln1=t[p + "input_layernorm.weight"], qkv=Linear(qkv_w, qkv_b), o=Linear(t[a + "o_proj.weight"]),
+        layers.append(DecoderLayer(
+            cfg, ln1=t[p + "input_layernorm.weight"], qkv=Linear(qkv_w, qkv_b), o=Linear(t[a + "o_proj.weight"]),
             ln2=t[p + "post_attention_layernorm.weight"], gate=Linear(t[p + "mlp.gate_proj.weight"]),
             up=Linear(t[p + "mlp.up_proj.weight"]), down=Linear(t[p + "mlp.down_proj.weight"]),
         ))
@@ -112,7 +103,7 @@ def dequantize(t: dict[str, torch.Tensor], name: str, quant_algo: str | None, gr
     if quant_algo in ("W4A16_AWQ", "W4A8_AWQ"):  # int4 packed along out: [out/2, in]; scales [out, in/group]
         q = unpack_int4(w, 0).float()
         return q * scale.float().repeat_interleave(group_size, dim=1)[:, : q.shape[1]]
-    if quant_algo in SQ_PER_TOKEN:  # SmoothQuant plugin layout: int8 [out, in], per_channel_scale [1, out]
+    if quant_algo in SQ_PER_TOKEN_ALGOS:  # SmoothQuant plugin layout: int8 [out, in], per_channel_scale [1, out]
         return w.float() * t[name + ".per_channel_scale"].float().view(-1, 1)
     if name + ".per_channel_scale" in t:  # TensorRT-LLM weight-only layout: [in, out(/2)], scale [out]
         q = (unpack_int4(w, 1) if quant_algo == "W4A16" else w).float()
@@ -124,26 +115,12 @@ def dequantize(t: dict[str, torch.Tensor], name: str, quant_algo: str | None, gr
 
 def _act(t: dict, name: str, quant_algo: str | None):
     """(activation quantization kind, scale) the engine applies before this GEMM."""
-    if quant_algo in SQ_PER_TOKEN and not name.startswith("lm_head"):
+    if quant_algo in SQ_PER_TOKEN_ALGOS and not name.startswith("lm_head"):
         return "int8_token", None  # each token's scale is computed at run time
     s = t.get(name + ".activation_scaling_factor")
     if s is None:
         return None, None
     return ("fp8" if quant_algo == "FP8" else "int8"), s.float().reshape(())
-
-
-def _rank_files(path: Path, cfg: dict) -> list[Path]:
-    world = (cfg.get("mapping") or {}).get("world_size", 1)
-    tp = (cfg.get("mapping") or {}).get("tp_size", world)
-    present = sorted(path.glob("rank*.safetensors"))
-    if len(present) != world:
-        raise UserError(f"{path}: config.json says world_size {world} (tp {tp}) but {len(present)} rank file(s) exist",
-                        "rebuild the checkpoint (`trtqwen build --force`) or copy the missing rank*.safetensors")
-    files = [path / f"rank{r}.safetensors" for r in range(world)]
-    missing = [f.name for f in files if not f.is_file()]
-    if missing:
-        raise UserError(f"{path}: missing {', '.join(missing)}", "rebuild the checkpoint with `trtqwen build --force`")
-    return files
 
 
 def _pre_quant_scale(t: dict, name: str) -> torch.Tensor | None:
@@ -157,14 +134,8 @@ class _Shards:
     """Linears of a TensorRT-LLM checkpoint from one or more of its rank files: column-parallel ones merged
     along out, row-parallel ones along in (one rank file: that rank's own shard, as it is)."""
 
-    def __init__(self, ranks: list[dict[str, torch.Tensor]], cfg: ModelConfig):
-        self.ranks, self.qa, self.g = ranks, cfg.quant_algo, cfg.group_size
-
-    def _merge_column(self, parts: list[torch.Tensor], split: list[int] | None) -> torch.Tensor:
-        if split:  # fused qkv: each rank holds [q_r; k_r; v_r] → [q; k; v]
-            per = [s // len(parts) for s in split]
-            parts = [torch.cat(p) for p in zip(*[x.split(per) for x in parts])]
-        return torch.cat(parts)
+    def __init__(self, ranks: list[dict[str, torch.Tensor]], ck: Checkpoint):
+        self.ranks, self.qa, self.g, self.kv_algo = ranks, ck.quant_algo, ck.group_size, ck.kv_cache_quant_algo
 
     def _int4_parts(self, name: str, merge) -> tuple | None:
         """AWQ's signed 4-bit values and group scales, merged like the weights, for the int4 GEMM."""
@@ -175,14 +146,14 @@ class _Shards:
 
     def column(self, name: str, split: list[int] | None = None) -> Linear:
         """split: the full model's [q, k, v] sizes of a fused qkv (to merge ranks' [q_r; k_r; v_r])."""
-        merge = lambda parts: self._merge_column(parts, split)  # noqa: E731
+        merge = lambda parts: merge_column(parts, split)  # noqa: E731
         int4 = None if name == "lm_head" else self._int4_parts(name, merge)
         b = merge([r[name + ".bias"].float() for r in self.ranks]) if name + ".bias" in self.ranks[0] else None
         return self._linear(name, self._weight(name, merge, int4), b,
                             _pre_quant_scale(self.ranks[0], name), int4)
 
     def row(self, name: str) -> Linear:
-        merge = lambda parts: torch.cat(parts, dim=1)  # noqa: E731
+        merge = merge_row
         int4 = self._int4_parts(name, merge)
         pre = [_pre_quant_scale(r, name) for r in self.ranks]
         return self._linear(name, self._weight(name, merge, int4), None, torch.cat(pre) if pre[0] is not None else None,
@@ -201,38 +172,29 @@ class _Shards:
         lin.int4 = int4
         return lin
 
-    def layers(self, cfg: ModelConfig) -> list[LayerWeights]:
+    def layers(self, cfg: ModelShape) -> list[DecoderLayer]:
         """cfg: the full model's (merged ranks) or one rank's (its own shard) dims."""
         first, out = self.ranks[0], []
         for i in range(cfg.num_layers):
             p = f"transformer.layers.{i}."
             kv = first.get(p + "attention.kv_cache_scaling_factor")
-            out.append(LayerWeights(
-                ln1=first[p + "input_layernorm.weight"].float(),
+            out.append(DecoderLayer(
+                cfg, ln1=first[p + "input_layernorm.weight"].float(),
                 qkv=self.column(p + "attention.qkv", [cfg.q_size, cfg.kv_size, cfg.kv_size]),
                 o=self.row(p + "attention.dense"),
                 ln2=first[p + "post_layernorm.weight"].float(),
                 gate=self.column(p + "mlp.fc"), up=self.column(p + "mlp.gate"), down=self.row(p + "mlp.proj"),
-                kv_scale=None if kv is None else kv.float().reshape(()),
+                kv_scale=None if kv is None else kv.float().reshape(()), kv_algo=self.kv_algo,
             ))
         return out
 
 
-def _trtllm_config(path: Path) -> tuple[dict, ModelConfig]:
-    raw = json.loads((Path(path) / "config.json").read_text())
-    return raw, ModelConfig.from_trtllm(raw)
-
-
-def checkpoint_tp(path: Path) -> int:
-    """The TP size a checkpoint was sharded for (1 for an HF checkpoint)."""
-    return _trtllm_config(path)[1].tp_size if checkpoint_kind(Path(path)) == "trtllm" else 1
-
-
 def load_trtllm(path: Path, max_positions: int | None = None) -> Qwen2Model:
     """Merge the TP shards of a TensorRT-LLM Qwen2 checkpoint: column-parallel along out, row-parallel along in."""
-    raw, cfg = _trtllm_config(path)
-    ranks = [read_safetensors([f]) for f in _rank_files(Path(path), raw)]
-    shards = _Shards(ranks, cfg)
+    ck = read_checkpoint(path)
+    cfg = ck.shape
+    ranks = [read_safetensors([f]) for f in ck.rank_files]
+    shards = _Shards(ranks, ck)
     layers = shards.layers(cfg)
     embeds = [r["transformer.vocab_embedding.weight"] for r in ranks]
     split_vocab = len(ranks) > 1 and embeds[0].shape[0] < cfg.vocab_size  # use_parallel_embedding along the vocab
@@ -243,22 +205,20 @@ def load_trtllm(path: Path, max_positions: int | None = None) -> Qwen2Model:
 
 
 def load_rank(path: Path, rank: int, max_positions: int | None = None, cls: type[Qwen2Model] = Qwen2Model) -> Qwen2Model:
-    """Only rank{rank}.safetensors of a TP checkpoint → a model of that rank's shard (cfg: ModelConfig.shard).
+    """Only rank{rank}.safetensors of a TP checkpoint → a model of that rank's shard (cfg: Checkpoint.rank_shape).
 
     Its embedding and lm_head hold the rank's slice of the padded vocabulary (the embedding all of it where the
-    checkpoint does not split it); runtime/tp.py wires the collectives that make the shards one model.
+    checkpoint does not split it); runtime/tp/ wires the collectives that make the shards one model.
     """
-    raw, full = _trtllm_config(path)
-    files = _rank_files(Path(path), raw)
-    if not 0 <= rank < len(files):
-        raise UserError(f"{path} has ranks 0..{len(files) - 1}, not rank {rank}")
-    cfg = full.shard(len(files))
-    t = read_safetensors([files[rank]])
-    qkv_rows = t["transformer.layers.0.attention.qkv.weight"].shape[0] * (2 if cfg.quant_algo == "W4A16_AWQ" else 1)
-    if cfg.quant_algo not in ("W8A16", "W4A16") and qkv_rows != cfg.q_size + 2 * cfg.kv_size:
-        raise UserError(f"{files[rank]}: fused qkv has {qkv_rows} rows, not the {cfg.q_size + 2 * cfg.kv_size} "
-                        f"of a TP {cfg.tp_size} shard", "the rank files do not match config.json: rebuild the checkpoint")
-    shards = _Shards([t], cfg)
+    ck = read_checkpoint(path)
+    cfg = ck.rank_shape
+    t = read_safetensors([ck.rank_file(rank)])
+    qkv_rows = t["transformer.layers.0.attention.qkv.weight"].shape[0] * (2 if ck.quant_algo == "W4A16_AWQ" else 1)
+    if ck.quant_algo not in ("W8A16", "W4A16") and qkv_rows != cfg.q_size + 2 * cfg.kv_size:
+        raise UserError(f"{ck.rank_file(rank)}: fused qkv has {qkv_rows} rows, not the {cfg.q_size + 2 * cfg.kv_size} "
+                        f"of a TP {ck.tp} shard", "the rank files do not match config.json: rebuild the checkpoint")
+    shards = _Shards([t], ck)
     model = cls(cfg, t["transformer.vocab_embedding.weight"].float(), shards.layers(cfg),
                 t["transformer.ln_f.weight"].float(), shards.column("lm_head"), max_positions)
+    model.tp_size = ck.tp
     return model

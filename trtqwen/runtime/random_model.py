@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import torch
 
-from trtqwen.runtime.config import ModelConfig
-from trtqwen.runtime.layers import Int4Linear, Linear
-from trtqwen.runtime.model import LayerWeights, Qwen2Model
+from trtqwen import shape
+from trtqwen.runtime.layers.linear import Int4Linear, Linear, column_shard, row_shard
+from trtqwen.runtime.models.qwen2 import DecoderLayer, Qwen2Model
+from trtqwen.shape import ModelShape
 
-QWEN25_7B = ModelConfig(vocab_size=152064, hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4, head_dim=128,
-                        intermediate_size=18944, norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=32768)
-SMALL = ModelConfig(vocab_size=4096, hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64,
-                    intermediate_size=512, norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=4096)
+QWEN25_7B = shape.QWEN25_7B
+SMALL = ModelShape(vocab_size=4096, hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64,
+                   intermediate_size=512, norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=4096, name="small")
 PRESETS = {"qwen2.5-7b": QWEN25_7B, "small": SMALL}
 
 
-def random_model(cfg: ModelConfig, int4: bool = False, device="cuda", dtype=torch.bfloat16, max_positions=4096,
+def random_model(cfg: ModelShape, int4: bool = False, device="cuda", dtype=torch.bfloat16, max_positions=4096,
                  std: float = 0.02, tp: int = 1, rank: int = 0, cls: type[Qwen2Model] = Qwen2Model) -> Qwen2Model:
     """Normal(0, std) weights; int4: random signed 4-bit values with group-128 scales in Int4Linear.
 
@@ -28,23 +28,17 @@ def random_model(cfg: ModelConfig, int4: bool = False, device="cuda", dtype=torc
     seeds = iter(range(1 << 20))
     shard = cfg.shard(tp)
 
-    def w(*shape):
+    def w(*size):
         g.manual_seed(next(seeds))
-        return torch.empty(*shape, device=device, dtype=dtype).normal_(0, std, generator=g)
-
-    def rows(t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-        """This rank's slice of each part (along dim 0) of a fused tensor, e.g. [q; k; v] → [q_r; k_r; v_r]."""
-        parts = t.split(sizes)
-        # fewer KV heads than ranks: each rank holds a copy of one (ModelConfig.shard)
-        ks = [min(tp, max(1, p.shape[0] // cfg.head_dim)) for p in parts]
-        return torch.cat([p.chunk(k)[rank * k // tp] for p, k in zip(parts, ks)]).contiguous()
+        return torch.empty(*size, device=device, dtype=dtype).normal_(0, std, generator=g)
 
     def lin(out, inp, split=None, along_in=False, bias=False):
         weight, b = w(out, inp), (w(out) if bias else None)
         if not int4:
             if along_in:  # row-parallel: the rank's input columns
-                return Linear(weight.chunk(tp, dim=1)[rank].contiguous(), b)
-            return Linear(rows(weight, split or [out]), None if b is None else rows(b, split or [out]))
+                return Linear(row_shard(weight, tp, rank), b)
+            cols = lambda t: column_shard(t, split or [out], tp, rank, cfg.head_dim)  # noqa: E731
+            return Linear(cols(weight), None if b is None else cols(b))
         g.manual_seed(next(seeds))
         q = torch.randint(-8, 8, (out, inp), device=device, dtype=torch.int8, generator=g)
         scales = torch.rand(out, inp // 128, device=device, generator=g) * 0.004 + 0.001
@@ -55,9 +49,8 @@ def random_model(cfg: ModelConfig, int4: bool = False, device="cuda", dtype=torc
         return padded.chunk(tp)[rank].contiguous()
 
     H, I, qkv = cfg.hidden_size, cfg.intermediate_size, [cfg.q_size, cfg.kv_size, cfg.kv_size]
-    layers = [LayerWeights(ln1=torch.ones(H, device=device, dtype=dtype), qkv=lin(sum(qkv), H, qkv, bias=True),
-                           o=lin(H, cfg.q_size, along_in=True), ln2=torch.ones(H, device=device, dtype=dtype),
-                           gate=lin(I, H), up=lin(I, H), down=lin(H, I, along_in=True))
+    ones = lambda: torch.ones(H, device=device, dtype=dtype)  # noqa: E731
+    layers = [DecoderLayer(shard, ln1=ones(), qkv=lin(sum(qkv), H, qkv, bias=True), o=lin(H, cfg.q_size, along_in=True),
+                           ln2=ones(), gate=lin(I, H), up=lin(I, H), down=lin(H, I, along_in=True))
               for _ in range(cfg.num_layers)]
-    return cls(shard, vocab(w(cfg.vocab_size, H)), layers, torch.ones(H, device=device, dtype=dtype),
-               Linear(vocab(w(cfg.vocab_size, H))), max_positions)
+    return cls(shard, vocab(w(cfg.vocab_size, H)), layers, ones(), Linear(vocab(w(cfg.vocab_size, H))), max_positions)

@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trtqwen.errors import UserError
+from trtqwen.files import publishing
 
 SYSTEM_SERVER = Path("/opt/tritonserver")  # NVIDIA's Triton / TensorRT-LLM containers
 CACHE = Path(os.environ.get("TRTQWEN_CACHE", Path.home() / ".cache" / "trtqwen"))
@@ -58,16 +58,11 @@ def prepare_pytriton_server(src: Path, dest_root: Path = CACHE) -> TritonInstall
     # one copy per wheel location: two venvs never replace each other's server
     dest = dest_root / f"tritonserver-pytriton-py{pyver}-{hashlib.sha256(str(src).encode()).hexdigest()[:8]}"
     if not (dest / ".prepared").is_file():
-        dest_root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=dest_root, prefix=dest.name + ".tmp"))  # own name per process and thread
-        for part in ("bin", "backends", "caches"):
-            shutil.copytree(src / part, tmp / part, symlinks=True)
-        shutil.copy2(stub, tmp / "backends" / "python" / "triton_python_backend_stub")
-        (tmp / ".prepared").write_text(str(src))
-        try:
-            os.replace(tmp, dest)
-        except OSError:  # another process or thread got there first, with the same copy
-            shutil.rmtree(tmp, ignore_errors=True)
+        with publishing(dest, first_wins=True) as tmp:  # another process or thread may get there first, with the same copy
+            for part in ("bin", "backends", "caches"):
+                shutil.copytree(src / part, tmp / part, symlinks=True)
+            shutil.copy2(stub, tmp / "backends" / "python" / "triton_python_backend_stub")
+            (tmp / ".prepared").write_text(str(src))
     return TritonInstall("pytriton", dest, _stub_env(src.parent.parent / "nvidia_pytriton.libs"))
 
 
@@ -326,6 +321,22 @@ def describe_commands(repo: Path, host: str, http_port: int, grpc_port: int, met
                   f"-v {Path(repo).resolve()}:/model_repo -v {record.get('build_dir')}:{record.get('build_dir')} "
                   f"{TRTLLM_IMAGE} " + " ".join(shlex.quote(c) for c in inner)]
     return lines
+
+
+def run_in_foreground(repo: Path, state: dict, host: str, grpc_port: int, openai_port: int | None = None) -> None:
+    """Until Ctrl-C or the server exits (with an OpenAI-compatible API in front when asked); the server is stopped
+    on the way out, whatever ends it."""
+    try:
+        if openai_port:
+            from trtqwen.clients.openai import serve_openai
+
+            serve_openai(f"{host}:{grpc_port}", host, openai_port)
+        else:
+            wait_until_exit(state["pid"])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop(repo)
 
 
 def wait_until_exit(pid: int) -> None:

@@ -6,13 +6,18 @@ Each check raises UserError saying what is wrong and what to run instead; none i
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 from pathlib import Path
 
-from trtqwen.errors import UserError
+from trtqwen.build.hardware import compute_capability, detect_gpus
 from trtqwen.build.manifest import MANIFEST, read_manifest
+from trtqwen.build.spec import BuildSpec, check_spec
+from trtqwen.build.trtllm_build import TRTLLM_IMAGE
+from trtqwen.checkpoint import is_trtllm_checkpoint, read_checkpoint, read_config
+from trtqwen.errors import UserError
+from trtqwen.shape import ModelShape
 from trtqwen.serve.repo.settings import RUNTIMES
+from trtqwen.versions import package_version
 
 ENGINE_RECORD = "engine_versions.json"  # written into the engine dir by `trtqwen build` and build.sh
 
@@ -42,18 +47,31 @@ def checkpoint_dir(build_dir: Path, manifest: dict) -> Path:
     return path
 
 
-def check_tp(manifest: dict, model_config: Path, what: str) -> None:
+def check_tp(spec: BuildSpec, tp: int, where: Path) -> None:
     """build.json's spec.tp must be the TP the checkpoint (or engine) was sharded for."""
-    cfg = json.loads(model_config.read_text())
-    mapping = cfg.get("mapping") or (cfg.get("pretrained_config") or {}).get("mapping")
-    if not mapping:
-        return  # an HF checkpoint: not sharded, any TP can load it
-    tp = mapping.get("tp_size", mapping.get("world_size"))
-    want = (manifest.get("spec") or {}).get("tp")
-    if tp is not None and want is not None and int(tp) != int(want):
-        raise UserError(f"build.json says tp {want} but the {what} at {model_config.parent} is sharded for tp {tp}",
+    if tp != spec.tp:
+        raise UserError(f"build.json says tp {spec.tp} but {where} is sharded for tp {tp}",
                         "TP is fixed when the checkpoint is written: rebuild with `trtqwen build --tp "
-                        f"{want} --force`, or package the build directory that matches")
+                        f"{spec.tp} --force`, or package the build directory that matches")
+
+
+def check_build_checkpoint(build_dir: Path, manifest: dict) -> Path:
+    """The build's checkpoint, checked by the one reader and the one spec validator, and against build.json."""
+    path = checkpoint_dir(build_dir, manifest)
+    spec = BuildSpec.from_dict(manifest["spec"])
+    if is_trtllm_checkpoint(path):
+        ck = read_checkpoint(path)
+        check_spec(spec, ck.shape)
+        check_tp(spec, ck.tp, ck.path)
+    else:  # an HF checkpoint (the torch runtime loads those too): not split, so any TP can load it
+        check_spec(spec, ModelShape.from_hf(read_config(path)))
+    return path
+
+
+def engine_tp(engine: Path) -> int:
+    """The TP an engine was built for (trtllm-build's config.json: pretrained_config.mapping)."""
+    mapping = (json.loads((engine / "config.json").read_text()).get("pretrained_config") or {}).get("mapping") or {}
+    return int(mapping.get("tp_size", mapping.get("world_size", 1)))
 
 
 def engine_dir(build_dir: Path, manifest: dict) -> Path:
@@ -68,33 +86,51 @@ def engine_dir(build_dir: Path, manifest: dict) -> Path:
     return path
 
 
-def recorded_engine_version(build_dir: Path, manifest: dict, engine: Path) -> str | None:
-    """The TensorRT-LLM version the engine was built with: its own record first, then build.json's."""
+def recorded_engine(build_dir: Path, manifest: dict, engine: Path) -> dict:
+    """What the engine was built with (TensorRT-LLM, TensorRT, GPU): its own record, else build.json's, else the
+    version trtllm-build writes into the engine's config.json."""
     rec = engine / ENGINE_RECORD
-    if rec.is_file():
-        v = json.loads(rec.read_text()).get("tensorrt_llm")
-        if v:
-            return str(v)
-    v = (manifest.get("stages", {}).get("engine") or {}).get("tensorrt_llm")
-    if v:
-        return str(v)
-    return json.loads((engine / "config.json").read_text()).get("version")  # trtllm-build writes it there too
+    record = json.loads(rec.read_text()) if rec.is_file() else {}
+    stage = manifest.get("stages", {}).get("engine") or {}
+    version = record.get("tensorrt_llm") or stage.get("tensorrt_llm") or json.loads((engine / "config.json").read_text()).get("version")
+    return {**{k: stage.get(k) for k in ("tensorrt", "compute_capability") if stage.get(k)}, **record,
+            "tensorrt_llm": str(version) if version else None}
 
 
-def serving_tensorrt_llm_version() -> str | None:
-    """TensorRT-LLM installed where this runs (the serving container), or None where it is absent."""
-    try:
-        return importlib.metadata.version("tensorrt_llm")
-    except importlib.metadata.PackageNotFoundError:
-        return None
+def serving_environment() -> dict:
+    """What an engine meets where this runs: TensorRT-LLM and TensorRT versions and GPU 0's compute capability
+    (keys absent where there is none: the gate then checks what it can and `serve` checks again where it runs)."""
+    gpus = detect_gpus()
+    found = {"tensorrt_llm": package_version("tensorrt_llm", "tensorrt-llm"),
+             "tensorrt": package_version("tensorrt", "tensorrt-cu12", "tensorrt-cu13"),
+             "compute_capability": gpus[0]["compute_capability"] if gpus else None}
+    return {k: v for k, v in found.items() if v}
 
 
-def check_serving_versions(recorded: str | None, serving: str | None) -> None:
-    """Engines only load in the TensorRT-LLM that built them ("Version tag does not match", FACTS §4)."""
-    if recorded and serving and recorded != serving:
-        raise UserError(f"the engine was built with TensorRT-LLM {recorded} but the serving TensorRT-LLM is {serving}",
-                        f"serve in the container that built it (TensorRT-LLM {recorded}), or rebuild the engine with "
-                        f"TensorRT-LLM {serving}: `bash build.sh` in the build directory on the serving machine")
+_GATES = (("tensorrt_llm", "TensorRT-LLM"), ("tensorrt", "TensorRT"), ("compute_capability", "GPU compute capability"))
+
+
+def check_engine_compatible(recorded: dict, serving: dict) -> None:
+    """Refuse an engine built by another TensorRT-LLM or TensorRT, or for another GPU architecture, naming both.
+
+    TensorRT would refuse it anyway, late and cryptically ("Serialization assertion ... Version tag does not match").
+    """
+    mismatches = []
+    for key, what in _GATES:
+        built, now = recorded.get(key), serving.get(key)
+        if key == "compute_capability":
+            built, now = compute_capability(built), compute_capability(now)
+        if built and now and str(built) != str(now):
+            if key == "compute_capability":
+                built, now = f"{built} (sm_{built.replace('.', '')})", f"{now} (sm_{now.replace('.', '')})"
+            mismatches.append(f"{what}: built with {built}, this machine has {now}")
+    if mismatches:
+        raise UserError(
+            "this engine cannot be loaded here (TensorRT would fail with 'Version tag does not match'): "
+            + "; ".join(mismatches),
+            "engines load only with the exact TensorRT-LLM/TensorRT and GPU architecture that built them: serve in "
+            f"the image that built it ({TRTLLM_IMAGE} for trtqwen builds), or rebuild with build.sh on this machine",
+        )
 
 
 def llmapi_model_dir(build_dir: Path, manifest: dict) -> Path:

@@ -14,8 +14,9 @@ import shutil
 from pathlib import Path
 
 from trtqwen import __version__
+from trtqwen.build.spec import BuildSpec
 from trtqwen.errors import UserError
-from trtqwen.build.manifest import replace_dir, write_json_atomic
+from trtqwen.files import publishing, write_json_atomic
 from trtqwen.serve.repo import checks, llmapi
 from trtqwen.serve.repo.configs import model_configs, to_pbtxt
 from trtqwen.serve.repo.interface import BLS, ENSEMBLE, POSTPROCESSING, PREPROCESSING, TENSORRT_LLM
@@ -25,7 +26,6 @@ from trtqwen.serve.repo.settings import resolve_settings
 HERE = Path(__file__).resolve().parent
 MODEL_SOURCES = HERE / "models"
 SERVER_STATE = ".trtqwen-server.json"  # trtqwen.serve.server writes it into a repository it serves
-_DETECT = object()
 
 # Model dir → {file in the repository's version dir: source}; the helpers ride along because trtqwen may not
 # be installed in the Python that Triton's stub runs (NVIDIA's container).
@@ -71,32 +71,29 @@ def _tokenizer_dir(build_dir: Path, manifest: dict) -> Path:
 
 def generate_repo(build_dir: Path, out: Path, runtime: str = "torch", max_batch_size: int | None = None,
                   instances: int = 1, kv_cache_free_gpu_mem_fraction: float | None = None, streaming: bool = True,
-                  force: bool = False, llmapi_model_src: Path | None = None, serving_tensorrt_llm=_DETECT) -> Path:
+                  force: bool = False, llmapi_model_src: Path | None = None, serving: dict | None = None) -> Path:
     """Write the model repository for `build_dir` into `out`; returns `out`.
 
-    `serving_tensorrt_llm` is the TensorRT-LLM version that will serve (default: the one installed here, read
-    lazily for the runtimes that need it; None where absent, which leaves the check to `serve`).
+    `serving` is what an engine will meet where it is served ({tensorrt_llm, tensorrt, compute_capability}; default:
+    this machine, read lazily for the runtimes that need it); `serve` checks again where it runs.
     """
     build_dir, out = Path(build_dir), Path(out)
     checks.check_runtime(runtime)
     manifest = checks.read_build(build_dir)
-    checkpoint = checks.checkpoint_dir(build_dir, manifest)
-    checks.check_tp(manifest, checkpoint / "config.json", "checkpoint")
+    checkpoint = checks.check_build_checkpoint(build_dir, manifest)
     _tokenizer_dir(build_dir, manifest)
     notes: list[str] = []
-    versions = {"trtqwen": __version__, "tensorrt_llm": None, "serving_tensorrt_llm": None,
-                "build": manifest.get("versions", {})}
-    if runtime in ("trtllm", "llmapi"):
-        serving = checks.serving_tensorrt_llm_version() if serving_tensorrt_llm is _DETECT else serving_tensorrt_llm
-        versions["serving_tensorrt_llm"] = serving
+    versions = {"trtqwen": __version__, "tensorrt_llm": None, "engine": None, "build": manifest.get("versions", {})}
     if runtime == "trtllm":
         model_dir = checks.engine_dir(build_dir, manifest)
-        checks.check_tp(manifest, model_dir / "config.json", "engine")
-        versions["tensorrt_llm"] = checks.recorded_engine_version(build_dir, manifest, model_dir)
-        checks.check_serving_versions(versions["tensorrt_llm"], versions["serving_tensorrt_llm"])
-        if versions["serving_tensorrt_llm"] is None:
-            notes.append("TensorRT-LLM is not installed here: `trtqwen serve` checks the engine's version "
-                         f"({versions['tensorrt_llm']}) against the serving one before it starts")
+        checks.check_tp(BuildSpec.from_dict(manifest["spec"]), checks.engine_tp(model_dir), model_dir)
+        engine = checks.recorded_engine(build_dir, manifest, model_dir)
+        versions.update(engine=engine, tensorrt_llm=engine["tensorrt_llm"])
+        here = checks.serving_environment() if serving is None else serving
+        checks.check_engine_compatible(engine, here)
+        if "tensorrt_llm" not in here:
+            notes.append("TensorRT-LLM is not installed here: `trtqwen serve` checks the engine's TensorRT-LLM "
+                         f"({versions['tensorrt_llm']}), TensorRT and GPU architecture against the serving ones first")
     elif runtime == "llmapi":
         model_dir = checks.llmapi_model_dir(build_dir, manifest)
     else:
@@ -106,10 +103,7 @@ def generate_repo(build_dir: Path, out: Path, runtime: str = "torch", max_batch_
                                 instances=instances, kv_cache_free_gpu_mem_fraction=kv_cache_free_gpu_mem_fraction,
                                 streaming=streaming)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with publishing(out) as tmp:
         for name, config in model_configs(settings).items():
             (tmp / name / "1").mkdir(parents=True)
             (tmp / name / "config.pbtxt").write_text(to_pbtxt(config))
@@ -131,9 +125,6 @@ def generate_repo(build_dir: Path, out: Path, runtime: str = "torch", max_batch_
         write_json_atomic(tmp / RECORD, make_record(build_dir, manifest, settings, versions, notes))
         if (out / "README.md").is_file():  # the project's own note in model_repo/ survives re-packaging
             shutil.copy2(out / "README.md", tmp / "README.md")
-        replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

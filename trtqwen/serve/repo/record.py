@@ -6,8 +6,11 @@ import datetime
 import json
 from pathlib import Path
 
+from trtqwen.build.spec import BuildSpec, check_spec
+from trtqwen.checkpoint import is_trtllm_checkpoint, read_checkpoint, read_config
 from trtqwen.errors import UserError
-from trtqwen.serve.repo.checks import check_serving_versions, serving_tensorrt_llm_version
+from trtqwen.shape import ModelShape
+from trtqwen.serve.repo import checks
 from trtqwen.serve.repo.settings import RepoSettings
 
 RECORD = "trtqwen_repo.json"
@@ -38,10 +41,17 @@ def read_record(repo: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def check_repo_servable(repo: Path, serving: str | None = None) -> dict:
-    """Before launching: an engine repository must be served by the TensorRT-LLM that built the engine."""
+def check_repo_servable(repo: Path, serving: dict | None = None) -> dict:
+    """Before launching: the torch runtime's checkpoint must still be one the TP rule accepts; an engine repository must meet the TensorRT-LLM, TensorRT and GPU architecture that built
+    the engine (`serving`: what this machine has, by default)."""
     record = read_record(repo)
+    if record.get("runtime") == "torch":  # the checkpoint may have changed since packaging: read it as the runtime will
+        path = Path(record["settings"]["model_dir"])
+        shape = read_checkpoint(path).shape if is_trtllm_checkpoint(path) else ModelShape.from_hf(read_config(path))
+        if record.get("spec"):
+            check_spec(BuildSpec.from_dict(record["spec"]), shape)
     if record.get("runtime") == "trtllm":
-        check_serving_versions(record.get("versions", {}).get("tensorrt_llm"),
-                               serving if serving is not None else serving_tensorrt_llm_version())
+        versions = record.get("versions", {})
+        engine = versions.get("engine") or {"tensorrt_llm": versions.get("tensorrt_llm")}
+        checks.check_engine_compatible(engine, checks.serving_environment() if serving is None else serving)
     return record

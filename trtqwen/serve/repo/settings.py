@@ -14,11 +14,10 @@ from pathlib import Path
 from trtqwen.build.trtllm_build import engine_features
 from trtqwen.errors import UserError
 from trtqwen.build.spec import BuildSpec
+from trtqwen.qwen_tokenizer import EOS_ID, EOS_TOKEN, PAD_ID, PAD_TOKEN
 
 RUNTIMES = ("torch", "trtllm", "llmapi")
 # Qwen2.5: <|im_end|> ends an assistant turn, <|endoftext|> pads (FACTS §2); used when the tokenizer lacks them.
-QWEN_END_TOKEN, QWEN_PAD_TOKEN = "<|im_end|>", "<|endoftext|>"
-QWEN_END_ID, QWEN_PAD_ID = 151645, 151643
 
 
 @dataclass(frozen=True)
@@ -98,7 +97,7 @@ def special_token_ids(tokenizer_dir: Path) -> tuple[int, int]:
         data = json.loads(tok_json.read_text())
         ids = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
         vocab = (data.get("model") or {}).get("vocab") or {}
-        ids.update({k: vocab[k] for k in (QWEN_END_TOKEN, QWEN_PAD_TOKEN) if k in vocab})
+        ids.update({k: vocab[k] for k in (EOS_TOKEN, PAD_TOKEN) if k in vocab})
     cfg_path = tokenizer_dir / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
     ids.update({t["content"]: int(i) for i, t in (cfg.get("added_tokens_decoder") or {}).items() if "content" in t})
@@ -106,25 +105,26 @@ def special_token_ids(tokenizer_dir: Path) -> tuple[int, int]:
     def token_name(v):
         return v.get("content") if isinstance(v, dict) else v
 
-    end = ids.get(QWEN_END_TOKEN, ids.get(token_name(cfg.get("eos_token")), QWEN_END_ID))
-    pad = ids.get(QWEN_PAD_TOKEN, ids.get(token_name(cfg.get("pad_token")), QWEN_PAD_ID))
+    end = ids.get(EOS_TOKEN, ids.get(token_name(cfg.get("eos_token")), EOS_ID))
+    pad = ids.get(PAD_TOKEN, ids.get(token_name(cfg.get("pad_token")), PAD_ID))
     return int(end), int(pad)
 
 
 def resolve_settings(build_dir: Path, manifest: dict, runtime: str, model_dir: Path, *, max_batch_size: int | None,
                      instances: int, kv_cache_free_gpu_mem_fraction: float | None, streaming: bool) -> RepoSettings:
     """Settings from build.json's spec and plan; an option given explicitly wins over the build's value."""
-    spec, plan = manifest.get("spec") or {}, manifest.get("plan") or {}
-    missing = [k for k in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "tp") if k not in spec]
+    raw, plan = manifest.get("spec") or {}, manifest.get("plan") or {}
+    missing = [k for k in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "tp") if k not in raw]
     if missing:
         raise UserError(f"{build_dir / 'build.json'} has no {', '.join(missing)} in its spec",
                         "rebuild with `trtqwen build` (the manifest is incomplete or from another tool)")
-    batch = spec["max_batch_size"] if max_batch_size is None else max_batch_size
+    spec = BuildSpec.from_dict(raw)
+    batch = spec.max_batch_size if max_batch_size is None else max_batch_size
     if batch < 1:
         raise UserError(f"max_batch_size must be at least 1, got {batch}")
-    if runtime == "trtllm" and batch > spec["max_batch_size"]:
-        raise UserError(f"max_batch_size {batch} is larger than the {spec['max_batch_size']} the engine was built for",
-                        f"use --max-batch-size {spec['max_batch_size']} or less, or rebuild with a larger one")
+    if runtime == "trtllm" and batch > spec.max_batch_size:
+        raise UserError(f"max_batch_size {batch} is larger than the {spec.max_batch_size} the engine was built for",
+                        f"use --max-batch-size {spec.max_batch_size} or less, or rebuild with a larger one")
     if instances < 1:
         raise UserError(f"instances must be at least 1, got {instances}")
     fraction = plan.get("kv_cache_free_gpu_mem_fraction", 0.9) if kv_cache_free_gpu_mem_fraction is None \
@@ -134,10 +134,10 @@ def resolve_settings(build_dir: Path, manifest: dict, runtime: str, model_dir: P
                         "it is the share of the GPU memory left after the weights that the KV cache takes")
     tokenizer_dir = (build_dir / manifest.get("tokenizer_dir", "tokenizer")).resolve()
     end_id, pad_id = special_token_ids(tokenizer_dir)
-    paged = engine_features(BuildSpec.from_dict(spec))["paged_context_fmha"] if runtime == "trtllm" else True
+    paged = engine_features(spec)["paged_context_fmha"] if runtime == "trtllm" else True
     return RepoSettings(
-        runtime=runtime, max_batch_size=int(batch), max_input_len=int(spec["max_input_len"]),
-        max_seq_len=int(spec["max_seq_len"]), max_num_tokens=int(spec["max_num_tokens"]), tp=int(spec["tp"]),
+        runtime=runtime, max_batch_size=int(batch), max_input_len=spec.max_input_len,
+        max_seq_len=spec.max_seq_len, max_num_tokens=spec.max_num_tokens, tp=spec.tp,
         instances=int(instances), kv_cache_free_gpu_mem_fraction=float(fraction), streaming=bool(streaming),
         model_dir=str(model_dir.resolve()), tokenizer_dir=str(tokenizer_dir), end_id=end_id, pad_id=pad_id,
         enable_kv_cache_reuse=paged, enable_chunked_context=paged,

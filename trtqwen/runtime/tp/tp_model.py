@@ -1,211 +1,35 @@
-"""Tensor parallelism as TensorRT-LLM runs it: one process per rank, each holding only its rank{i}.safetensors.
-
-Rank 0 lives in the caller's process and hands LLMEngine a `TPModel`, which looks like a Qwen2Model. Before
-every forward it broadcasts a small command (op and arguments: tokens, positions, slots, the graph bucket's
-inputs) over a CPU gloo group; then every rank runs the same forward on its shard, the collectives inside it
-(all-reduce after the row-parallel o/down projections and the vocabulary-parallel embedding, all-gather of the
-vocabulary-parallel logits) run over NCCL on GPUs, gloo on CPUs. Sampling stays on rank 0: the tokens it picks
-reach the other ranks in the next command. Workers are `python -m trtqwen.runtime.tp` processes; a worker that
-dies makes rank 0 raise TPError (watchdog + collective timeouts), never hang.
-"""
+"""Rank 0: the TPModel LLMEngine drives, which starts the worker processes, broadcasts and watches them."""
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import datetime
-import importlib
-import json
 import os
 import subprocess
 import sys
 import threading
 import time
-import traceback
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from trtqwen.errors import UserError
-from trtqwen.runtime.cuda_graphs import GraphedDecode
-from trtqwen.runtime.config import ModelConfig
-from trtqwen.runtime.model import KVCache, Qwen2Model
+from trtqwen.runtime.engine.model_runner import GraphedDecode
+from trtqwen.runtime.models.qwen2 import KVCache
+from trtqwen.runtime.tp.channel import INIT_TIMEOUT_S, TPError, join, send_command
+from trtqwen.runtime.tp.shards import CheckpointShards, Rank, RandomShards, RankModel, load_shard, source_arg
 
-INIT_TIMEOUT_S = 300  # loading a 7B shard and joining the group
-COLLECTIVE_TIMEOUT_S = 600  # a first forward on GPU compiles for minutes; a dead peer is caught by the watchdog
-IDLE_FOREVER = datetime.timedelta(days=365)  # workers wait this long for the next command (rank 0 may be idle)
 STOP_TIMEOUT_S = 10
 
 
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
-
-
-class TPError(RuntimeError):
-    """A rank died or a collective failed: the TP model cannot serve any more."""
-
-
-class RankModel(Qwen2Model):
-    """One rank's shard: all-reduce after the row-parallel layers, vocabulary-parallel embedding and lm_head."""
-
-    def bind(self, group, vocab_size: int) -> "RankModel":
-        self.group, self.vocab_size = group, vocab_size
-        self.tp_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
-        self.reduce = self._all_reduce
-        self.vocab_start = self.rank * self.embed.shape[0]
-        self.parallel_embed = self.embed.shape[0] < vocab_size  # else every rank holds the whole table
-        return self
-
-    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(t, group=self.group)
-        return t
-
-    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        if not self.parallel_embed:
-            return self.embed[tokens]
-        local = tokens - self.vocab_start
-        inside = (local >= 0) & (local < self.embed.shape[0])
-        x = self.embed[local.clamp(0, self.embed.shape[0] - 1)] * inside.unsqueeze(-1).to(self.embed.dtype)
-        return self._all_reduce(x)  # each token's row comes from the one rank that holds it
-
-    def head(self, x: torch.Tensor) -> torch.Tensor:
-        local = self.lm_head(x).contiguous()  # [..., V/tp]
-        parts = torch.empty((self.tp_size * local.shape[0], *local.shape[1:]), dtype=local.dtype, device=local.device)
-        _all_gather(parts, local, group=self.group)  # the ranks' logits one after another along dim 0
-        full = torch.cat(parts.chunk(self.tp_size), dim=-1)
-        return full[..., : self.vocab_size]  # TensorRT-LLM pads the vocabulary to a multiple of TP
-
-
-@dataclass(frozen=True)
-class CheckpointShards:
-    """Rank i's weights: rank{i}.safetensors of a TensorRT-LLM checkpoint, and nothing else of it."""
-
-    path: str
-
-    def config(self) -> ModelConfig:
-        from trtqwen.runtime.loader import _rank_files, _trtllm_config
-
-        raw, cfg = _trtllm_config(Path(self.path))
-        _rank_files(Path(self.path), raw)
-        return cfg
-
-    def load(self, rank: int, device: str, dtype: torch.dtype, max_positions: int | None) -> RankModel:
-        from trtqwen.runtime.loader import load_rank
-
-        return load_rank(Path(self.path), rank, max_positions, cls=RankModel)
-
-
-@dataclass(frozen=True)
-class RandomShards:
-    """Rank i's shard of a random model (random_model.PRESETS), made on its device: benchmarks without a checkpoint."""
-
-    preset: str
-    tp: int
-
-    def config(self) -> ModelConfig:
-        from dataclasses import replace
-
-        from trtqwen.runtime.random_model import PRESETS
-
-        return replace(PRESETS[self.preset], tp_size=self.tp)
-
-    def load(self, rank: int, device: str, dtype: torch.dtype, max_positions: int | None) -> RankModel:
-        from trtqwen.runtime.random_model import random_model
-
-        return random_model(self.config(), device=device, dtype=dtype, max_positions=max_positions or 4096, tp=self.tp,
-                            rank=rank, cls=RankModel)
-
-
-SOURCES = {"checkpoint": CheckpointShards, "random": RandomShards}
-
-
-def _source_arg(source) -> str:
-    kind = next(k for k, c in SOURCES.items() if isinstance(source, c))
-    return json.dumps({"kind": kind, **asdict(source)})
-
-
-def _source_from_arg(arg: str):
-    d = json.loads(arg)
-    return SOURCES[d.pop("kind")](**d)
-
-
-class Rank:
-    """What every rank does with a command; rank 0 runs it right after broadcasting it."""
-
-    def __init__(self, model: RankModel):
-        self.model = model
-        self.cache: KVCache | None = None
-        self.graphs: GraphedDecode | None = None
-
-    def run(self, cmd: dict):
-        op, m = cmd["op"], self.model
-        dev = m.device
-        if op == "new_cache":
-            self.graphs, self.cache = None, None  # the old engine's memory goes before the new cache comes
-            self.cache = m.new_cache(cmd["slots"], cmd["max_seq_len"])
-            return self.cache
-        if op == "graphs":
-            self.graphs = GraphedDecode(m, self.cache, cmd["max_batch"], cmd["max_seq_len"])
-            return self.graphs
-        if op == "capture":
-            return self.graphs.capture_all()
-        if op == "graph_step":
-            return self.graphs(torch.as_tensor(cmd["tokens"]), torch.as_tensor(cmd["positions"]))
-        if op == "prefill":
-            return m.prefill(torch.tensor(cmd["tokens"], device=dev), self.cache, cmd["slot"], cmd["start"],
-                             cmd["all_logits"])
-        if op == "prefill_fresh":
-            return m.prefill_fresh([torch.tensor(p, device=dev) for p in cmd["prompts"]], self.cache, cmd["slots"])
-        if op == "decode":
-            return m.decode(torch.tensor(cmd["tokens"], device=dev), torch.tensor(cmd["positions"], device=dev),
-                            self.cache, cmd["kv_len"])
-        if op == "compile":
-            return m.compile()
-        if op == "call":  # a function run on every rank's shard at once (benchmarks: bench/tp_gpu.py)
-            module, name = cmd["fn"].split(":")
-            return getattr(importlib.import_module(module), name)(m, **cmd.get("kwargs", {}))
-        raise ValueError(f"unknown TP command {op!r}")
-
-
-# --- the command channel: one fixed-size broadcast per decode step, pickled objects for the rest --------------
-STEP_ROWS = 512  # the largest decode batch one fixed-size step command carries
-OBJECT, STEP = 0, 1
-
-
-def send_command(cmd: dict, group) -> None:
-    """Rank 0: a decode step goes as one int64 tensor [STEP, n, tokens, positions]; anything else is pickled."""
-    header = torch.zeros(2 + 2 * STEP_ROWS, dtype=torch.long)
-    n = len(cmd["tokens"]) if cmd["op"] == "graph_step" else STEP_ROWS + 1
-    if n <= STEP_ROWS:
-        header[:2] = torch.tensor([STEP, n])
-        header[2 : 2 + n], header[2 + n : 2 + 2 * n] = cmd["tokens"], cmd["positions"]
-        dist.broadcast(header, src=0, group=group)
-        return
-    dist.broadcast(header, src=0, group=group)  # header[0] == OBJECT
-    dist.broadcast_object_list([cmd], src=0, group=group)
-
-
-def receive_command(group) -> dict:
-    header = torch.empty(2 + 2 * STEP_ROWS, dtype=torch.long)
-    dist.broadcast(header, src=0, group=group)  # fails when rank 0 is gone: the worker then ends
-    if header[0] == STEP:
-        n = int(header[1])
-        return {"op": "graph_step", "tokens": header[2 : 2 + n], "positions": header[2 + n : 2 + 2 * n]}
-    box = [None]
-    dist.broadcast_object_list(box, src=0, group=group)
-    return box[0]
-
-
-# --- rank 0: the proxy LLMEngine drives ---------------------------------------------------------------------------
 class TPModel:
     """Rank 0's stand-in for a Qwen2Model: each call is broadcast to the workers, then run on rank 0's shard."""
 
     def __init__(self, source: CheckpointShards | RandomShards, device: str = "cpu", gpu_ids: list[int] | None = None,
                  dtype: torch.dtype | None = None, max_positions: int | None = None, int4_kernels: bool | None = None):
-        self.cfg = source.config()  # the full model's: LLMEngine checks token ids against its vocabulary
-        self.tp = self.cfg.tp_size
-        self.cfg.shard(self.tp)  # refuse a TP that does not divide the model before starting anything
+        # the full model's shape (LLMEngine checks token ids against its vocabulary); refuses a TP that does not divide it
+        self.cfg, self.tp = source.config()
         self.devices = _devices(device, gpu_ids, self.tp)
         self.procs: list[subprocess.Popen] = []
         self.failure: str | None = None
@@ -220,14 +44,14 @@ class TPModel:
         opts = dict(dtype=str(dtype).removeprefix("torch.") if dtype else "", max_positions=max_positions or "",
                     int4_kernels="" if int4_kernels is None else str(int(int4_kernels)))
         for r in range(1, self.tp):
-            cmd = [_python(), "-m", "trtqwen.runtime.tp", _source_arg(source), "--rank", str(r), "--tp", str(self.tp),
+            cmd = [_python(), "-m", "trtqwen.runtime.tp.worker", source_arg(source), "--rank", str(r), "--tp", str(self.tp),
                    "--port", str(store.port), "--device", self.devices[r]] + [
                    x for k, v in opts.items() if v != "" for x in (f"--{k.replace('_', '-')}", str(v))]
             self.procs.append(subprocess.Popen(cmd, env=_worker_env(on_gpu, self.tp)))
         try:
-            self.rank = Rank(_load_rank(source, 0, self.devices[0], dtype, max_positions, int4_kernels))
+            self.rank = Rank(load_shard(source, 0, self.devices[0], dtype, max_positions, int4_kernels))
             self._wait_loaded(store)
-            self.group, self.commands = _join(store, 0, self.tp, self.devices[0])
+            self.group, self.commands = join(store, 0, self.tp, self.devices[0])
             self.rank.model.bind(self.group, self.cfg.vocab_size)
         except BaseException:
             self.close()
@@ -404,7 +228,6 @@ def load_tp_model(path: Path, device: str = "cpu", gpu_ids: list[int] | None = N
     return TPModel(CheckpointShards(str(Path(path).resolve())), device, gpu_ids, dtype, max_positions, int4_kernels)
 
 
-# --- shared by rank 0 and the workers -----------------------------------------------------------------------------
 def _devices(device: str, gpu_ids: list[int] | None, tp: int) -> list[str]:
     kind = torch.device(device).type
     if kind == "cpu":
@@ -441,63 +264,3 @@ def _threads_per_rank(tp: int) -> int:
     return max(1, (os.cpu_count() or 1) // tp)
 
 
-def _load_rank(source, rank: int, device: str, dtype, max_positions, int4_kernels) -> RankModel:
-    from trtqwen.runtime.loader import target_dtype
-
-    dtype, int4_kernels = target_dtype(device, dtype, int4_kernels)
-    model = source.load(rank, device, dtype, max_positions)
-    return model.to(device=device, dtype=dtype, int4_kernels=int4_kernels)
-
-
-def _join(store, rank: int, tp: int, device: str):
-    """The TP group (NCCL on GPUs, gloo on CPUs) and a gloo group for commands that waits as long as needed."""
-    kwargs = {}
-    if device.startswith("cuda"):
-        torch.cuda.set_device(device)
-        kwargs["device_id"] = torch.device(device)
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", store=store, rank=rank, world_size=tp,
-                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S), **kwargs)
-    commands = dist.new_group(backend="gloo", timeout=IDLE_FOREVER)
-    return dist.group.WORLD, commands
-
-
-def worker_main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="one tensor-parallel rank of trtqwen's runtime (started by rank 0)")
-    ap.add_argument("source", help="where the rank's weights come from (JSON, written by rank 0)")
-    ap.add_argument("--rank", type=int, required=True)
-    ap.add_argument("--tp", type=int, required=True)
-    ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default=None)
-    ap.add_argument("--max-positions", type=int, default=None)
-    ap.add_argument("--int4-kernels", type=int, default=None)
-    a = ap.parse_args(argv)
-    source = _source_from_arg(a.source)
-    store = dist.TCPStore("127.0.0.1", a.port, a.tp, is_master=False, timeout=datetime.timedelta(seconds=INIT_TIMEOUT_S))
-    try:
-        dtype = getattr(torch, a.dtype) if a.dtype else None
-        int4 = None if a.int4_kernels is None else bool(a.int4_kernels)
-        rank = Rank(_load_rank(source, a.rank, a.device, dtype, a.max_positions, int4))
-    except BaseException as e:  # noqa: BLE001 - rank 0 reports it
-        store.set(f"error{a.rank}", f"{type(e).__name__}: {e}")
-        traceback.print_exc()
-        return 1
-    store.set(f"loaded{a.rank}", "1")
-    group, commands = _join(store, a.rank, a.tp, a.device)
-    rank.model.bind(group, source.config().vocab_size)
-    while True:
-        cmd = receive_command(commands)
-        if cmd["op"] == "shutdown":
-            return 0
-        rank.run(cmd)
-
-
-if __name__ == "__main__":
-    try:
-        code = worker_main()
-    except BaseException:  # noqa: BLE001 - rank 0 gone, or a failed forward: say why, then end
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # no interpreter teardown: exiting ranks can hang in it (FACTS §3)

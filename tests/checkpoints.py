@@ -1,0 +1,47 @@
+"""A TensorRT-LLM checkpoint directory as `trtqwen build` writes it (config.json from the product's own writer,
+empty rank files), for tests that check what is read from it and never load its weights."""
+
+import json
+from pathlib import Path
+
+from trtqwen.build.spec import BuildSpec
+from trtqwen.build.trtllm_config import qwen_checkpoint_config
+
+# Qwen2.5-7B's shape: every precision and TP 1, 2, 4 split it.
+QWEN25_7B_HF = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 152064, "hidden_size": 3584,
+                "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+                "intermediate_size": 18944, "max_position_embeddings": 32768, "rope_theta": 1e6, "rms_norm_eps": 1e-6}
+
+
+def write_checkpoint(path: Path, spec: BuildSpec, hf: dict | None = None, tp: int | None = None) -> Path:
+    """config.json for spec (sharded for tp, default spec.tp) and its rank files."""
+    tp = spec.tp if tp is None else tp
+    path.mkdir(parents=True, exist_ok=True)
+    config = qwen_checkpoint_config(hf or QWEN25_7B_HF, spec.replace(tp=tp))
+    (path / "config.json").write_text(json.dumps(config))
+    for rank in range(tp):
+        (path / f"rank{rank}.safetensors").touch()
+    return path
+
+
+def checkpoint_factory(model_dir: Path, root: Path, **calib):
+    """get(precision, tp, kv="auto") → a TensorRT-LLM checkpoint of model_dir: each (precision, kv) is calibrated
+    once (on the CPU), each TP size written once from that quantized model, as the build would write it."""
+    from trtqwen.build import quantize
+
+    quantized, written, tokenizer = {}, {}, quantize.load_tokenizer(model_dir)
+
+    def get(precision: str, tp: int, kv: str = "auto") -> Path:
+        spec = BuildSpec(model=str(model_dir), precision=precision, tp=tp, kv_cache_dtype=kv, **calib)
+        if (precision, kv) not in quantized:
+            model = quantize.load_hf_model(model_dir, spec, "cpu")
+            quantize.quantize_model(model, tokenizer, spec)
+            quantized[precision, kv] = model
+        if (precision, tp, kv) not in written:
+            out = root / f"{precision}-tp{tp}-kv{kv}"
+            quantize.write_checkpoint(quantized[precision, kv], json.loads((model_dir / "config.json").read_text()),
+                                      spec, out)
+            written[precision, tp, kv] = out
+        return written[precision, tp, kv]
+
+    return get

@@ -57,6 +57,14 @@ def is_trtllm_checkpoint(path: Path) -> bool:
     return "architecture" in cfg and "mapping" in cfg
 
 
+def read_shape(path: Path) -> tuple[ModelShape, Checkpoint | None]:
+    """The shape of either kind of model directory, and the checkpoint when it is a TensorRT-LLM one."""
+    if is_trtllm_checkpoint(path):
+        ck = read_checkpoint(path)
+        return ck.shape, ck
+    return ModelShape.from_hf(read_config(path)), None
+
+
 def read_checkpoint(path: Path) -> Checkpoint:
     path = Path(path)
     cfg = read_config(path)

@@ -43,24 +43,20 @@ def command(fn):
     return app.command()(run)
 
 
-def _precision(value: str) -> Precision:
-    try:
-        return parse_precision(value)
-    except UserError as e:
-        raise typer.BadParameter(f"{e.message}; {e.hint}") from None
-
-
-def _kv_dtype(value: str) -> KvDtype:
-    try:
-        return parse_kv_dtype(value)
-    except UserError as e:
-        raise typer.BadParameter(f"{e.message}; {e.hint}") from None
+def _option_parser(parse):
+    """A Typer parser from one of trtqwen's: its UserError becomes the option's error, hint included."""
+    def parser(value: str):
+        try:
+            return parse(value)
+        except UserError as e:
+            raise typer.BadParameter(f"{e.message}; {e.hint}") from None
+    return parser
 
 
 # Options several commands share: the precision and KV dtype arrive as enums (aliases such as int4 accepted).
-PRECISION = typer.Option("int4_awq", "--precision", "-p", parser=_precision, metavar="PRECISION",
+PRECISION = typer.Option("int4_awq", "--precision", "-p", parser=_option_parser(parse_precision), metavar="PRECISION",
                          help="bf16, fp16, int8_sq (int8), int8_wo, int4_awq (int4), int4_wo, fp8")
-KV_DTYPE = typer.Option("auto", parser=_kv_dtype, metavar="KV", help="KV cache dtype: auto (bf16/fp16), int8, fp8")
+KV_DTYPE = typer.Option("auto", parser=_option_parser(parse_kv_dtype), metavar="KV", help="KV cache dtype: auto (bf16/fp16), int8, fp8")
 TP = typer.Option(1, help="tensor parallel size: 1, 2 or 4")
 TRITON_URL = typer.Option("127.0.0.1:8001", help="Triton gRPC address")
 TRITON_MODEL = typer.Option("ensemble", help="ensemble or tensorrt_llm_bls")

@@ -9,8 +9,6 @@ import hashlib
 import json
 from pathlib import Path
 
-from trtqwen.build.spec import BuildSpec
-from trtqwen.errors import UserError
 
 MANIFEST = "build.json"
 
@@ -23,11 +21,3 @@ def read_manifest(build_dir: Path) -> dict | None:
 def stage_key(*parts) -> str:
     """Identity of a stage's inputs: when it is unchanged the stage's output is reused."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def read_spec(build_dir: Path) -> BuildSpec:
-    """The build's spec as build.json recorded it: package, serve, verify and the UI read it back here."""
-    manifest = read_manifest(build_dir)
-    if manifest is None or "spec" not in manifest:
-        raise UserError(f"{build_dir} has no {MANIFEST} with a spec", "pass a directory written by `trtqwen build`")
-    return BuildSpec.from_dict(manifest["spec"])

@@ -13,9 +13,8 @@ from trtqwen.build.hardware import compute_capability, detect_gpus
 from trtqwen.build.manifest import MANIFEST, read_manifest
 from trtqwen.build.spec import BuildSpec, check_spec
 from trtqwen.build.trtllm_build import TRTLLM_IMAGE
-from trtqwen.checkpoint import is_trtllm_checkpoint, read_checkpoint, read_config
+from trtqwen.checkpoint import read_shape
 from trtqwen.errors import UserError
-from trtqwen.shape import ModelShape
 from trtqwen.serve.repo.settings import RUNTIMES
 from trtqwen.versions import package_version
 
@@ -55,16 +54,14 @@ def check_tp(spec: BuildSpec, tp: int, where: Path) -> None:
                         f"{spec.tp} --force`, or package the build directory that matches")
 
 
-def check_build_checkpoint(build_dir: Path, manifest: dict) -> Path:
-    """The build's checkpoint, checked by the one reader and the one spec validator, and against build.json."""
+def check_build_checkpoint(build_dir: Path, manifest: dict, spec: BuildSpec) -> Path:
+    """The build's checkpoint, checked by the one reader and the one spec validator, and against build.json
+    (an HF checkpoint, which the torch runtime loads too, is not split: any TP can load it)."""
     path = checkpoint_dir(build_dir, manifest)
-    spec = BuildSpec.from_dict(manifest["spec"])
-    if is_trtllm_checkpoint(path):
-        ck = read_checkpoint(path)
-        check_spec(spec, ck.shape)
+    shape, ck = read_shape(path)
+    check_spec(spec, shape)
+    if ck is not None:
         check_tp(spec, ck.tp, ck.path)
-    else:  # an HF checkpoint (the torch runtime loads those too): not split, so any TP can load it
-        check_spec(spec, ModelShape.from_hf(read_config(path)))
     return path
 
 

@@ -14,14 +14,13 @@ import shutil
 from pathlib import Path
 
 from trtqwen import __version__
-from trtqwen.build.spec import BuildSpec
 from trtqwen.errors import UserError
 from trtqwen.files import publishing, write_json_atomic
 from trtqwen.serve.repo import checks, llmapi
 from trtqwen.serve.repo.configs import model_configs, to_pbtxt
 from trtqwen.serve.repo.interface import BLS, ENSEMBLE, POSTPROCESSING, PREPROCESSING, TENSORRT_LLM
 from trtqwen.serve.repo.record import RECORD, make_record
-from trtqwen.serve.repo.settings import resolve_settings
+from trtqwen.serve.repo.settings import read_build_spec, resolve_settings
 
 HERE = Path(__file__).resolve().parent
 MODEL_SOURCES = HERE / "models"
@@ -80,13 +79,14 @@ def generate_repo(build_dir: Path, out: Path, runtime: str = "torch", max_batch_
     build_dir, out = Path(build_dir), Path(out)
     checks.check_runtime(runtime)
     manifest = checks.read_build(build_dir)
-    checkpoint = checks.check_build_checkpoint(build_dir, manifest)
+    spec = read_build_spec(build_dir, manifest)
+    checkpoint = checks.check_build_checkpoint(build_dir, manifest, spec)
     _tokenizer_dir(build_dir, manifest)
     notes: list[str] = []
     versions = {"trtqwen": __version__, "tensorrt_llm": None, "engine": None, "build": manifest.get("versions", {})}
     if runtime == "trtllm":
         model_dir = checks.engine_dir(build_dir, manifest)
-        checks.check_tp(BuildSpec.from_dict(manifest["spec"]), checks.engine_tp(model_dir), model_dir)
+        checks.check_tp(spec, checks.engine_tp(model_dir), model_dir)
         engine = checks.recorded_engine(build_dir, manifest, model_dir)
         versions.update(engine=engine, tensorrt_llm=engine["tensorrt_llm"])
         here = checks.serving_environment() if serving is None else serving
@@ -99,7 +99,7 @@ def generate_repo(build_dir: Path, out: Path, runtime: str = "torch", max_batch_
     else:
         model_dir = checkpoint
     check_output(out, force)
-    settings = resolve_settings(build_dir, manifest, runtime, model_dir, max_batch_size=max_batch_size,
+    settings = resolve_settings(build_dir, manifest, spec, runtime, model_dir, max_batch_size=max_batch_size,
                                 instances=instances, kv_cache_free_gpu_mem_fraction=kv_cache_free_gpu_mem_fraction,
                                 streaming=streaming)
 

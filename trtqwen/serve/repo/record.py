@@ -7,9 +7,8 @@ import json
 from pathlib import Path
 
 from trtqwen.build.spec import BuildSpec, check_spec
-from trtqwen.checkpoint import is_trtllm_checkpoint, read_checkpoint, read_config
+from trtqwen.checkpoint import read_shape
 from trtqwen.errors import UserError
-from trtqwen.shape import ModelShape
 from trtqwen.serve.repo import checks
 from trtqwen.serve.repo.settings import RepoSettings
 
@@ -46,8 +45,7 @@ def check_repo_servable(repo: Path, serving: dict | None = None) -> dict:
     the engine (`serving`: what this machine has, by default)."""
     record = read_record(repo)
     if record.get("runtime") == "torch":  # the checkpoint may have changed since packaging: read it as the runtime will
-        path = Path(record["settings"]["model_dir"])
-        shape = read_checkpoint(path).shape if is_trtllm_checkpoint(path) else ModelShape.from_hf(read_config(path))
+        shape, _ = read_shape(Path(record["settings"]["model_dir"]))
         if record.get("spec"):
             check_spec(BuildSpec.from_dict(record["spec"]), shape)
     if record.get("runtime") == "trtllm":

@@ -110,15 +110,21 @@ def special_token_ids(tokenizer_dir: Path) -> tuple[int, int]:
     return int(end), int(pad)
 
 
-def resolve_settings(build_dir: Path, manifest: dict, runtime: str, model_dir: Path, *, max_batch_size: int | None,
-                     instances: int, kv_cache_free_gpu_mem_fraction: float | None, streaming: bool) -> RepoSettings:
-    """Settings from build.json's spec and plan; an option given explicitly wins over the build's value."""
-    raw, plan = manifest.get("spec") or {}, manifest.get("plan") or {}
+def read_build_spec(build_dir: Path, manifest: dict) -> BuildSpec:
+    """build.json's spec as a BuildSpec, refused when it lacks what a repository is sized by."""
+    raw = manifest.get("spec") or {}
     missing = [k for k in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "tp") if k not in raw]
     if missing:
         raise UserError(f"{build_dir / 'build.json'} has no {', '.join(missing)} in its spec",
                         "rebuild with `trtqwen build` (the manifest is incomplete or from another tool)")
-    spec = BuildSpec.from_dict(raw)
+    return BuildSpec.from_dict(raw)
+
+
+def resolve_settings(build_dir: Path, manifest: dict, spec: BuildSpec, runtime: str, model_dir: Path, *,
+                     max_batch_size: int | None,
+                     instances: int, kv_cache_free_gpu_mem_fraction: float | None, streaming: bool) -> RepoSettings:
+    """Settings from build.json's spec and plan; an option given explicitly wins over the build's value."""
+    plan = manifest.get("plan") or {}
     batch = spec.max_batch_size if max_batch_size is None else max_batch_size
     if batch < 1:
         raise UserError(f"max_batch_size must be at least 1, got {batch}")

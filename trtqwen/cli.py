@@ -12,7 +12,7 @@ from rich.console import Console
 
 from trtqwen.clients.client import DEFAULT_MAX_TOKENS
 from trtqwen.errors import UserError
-from trtqwen.precision import KvDtype, Precision, parse_kv_dtype, parse_precision
+from trtqwen.precision import parse_kv_dtype, parse_precision
 from trtqwen.qwen_tokenizer import DEFAULT_SYSTEM
 
 app = typer.Typer(
@@ -54,6 +54,8 @@ def _option_parser(parse):
 
 
 # Options several commands share: the precision and KV dtype arrive as enums (aliases such as int4 accepted).
+# Annotated as str: Typer 0.2x converts an Enum-annotated option again after its parser (and gets None).
+PrecisionOption = KvDtypeOption = str
 PRECISION = typer.Option("int4_awq", "--precision", "-p", parser=_option_parser(parse_precision), metavar="PRECISION",
                          help="bf16, fp16, int8_sq (int8), int8_wo, int4_awq (int4), int4_wo, fp8")
 KV_DTYPE = typer.Option("auto", parser=_option_parser(parse_kv_dtype), metavar="KV", help="KV cache dtype: auto (bf16/fp16), int8, fp8")
@@ -66,9 +68,9 @@ TRITON_MODEL = typer.Option("ensemble", help="ensemble or tensorrt_llm_bls")
 def plan(
     model: Optional[Path] = typer.Option(None, "--model", help="HF config.json or model dir; default: built-in Qwen2.5-7B dims"),
     gpu: str = typer.Option("rtx4090d", help="GPU profile: rtx4090d, rtx4090, l40s, a100-40g, a100-80g, h100, h200, custom"),
-    precision: Precision = PRECISION,
+    precision: PrecisionOption = PRECISION,
     tp: int = TP,
-    kv_cache_dtype: KvDtype = KV_DTYPE,
+    kv_cache_dtype: KvDtypeOption = KV_DTYPE,
     max_seq_len: int = typer.Option(4096, help="longest sequence (prompt + output) to plan for"),
     max_batch_size: int = typer.Option(32, help="largest batch the engine accepts"),
     prompt_len: int = typer.Option(1024, help="prompt length for the first-token estimate"),
@@ -112,10 +114,10 @@ def tiny(
 @command
 def build(
     model: str = typer.Option(..., "--model", "-m", help="Hugging Face hub id (Qwen/Qwen2.5-7B-Instruct) or a local directory"),
-    precision: Precision = PRECISION,
+    precision: PrecisionOption = PRECISION,
     tp: int = TP,
     gpu: str = typer.Option("rtx4090d", help="GPU profile the engine is planned for"),
-    kv_cache_dtype: KvDtype = KV_DTYPE,
+    kv_cache_dtype: KvDtypeOption = KV_DTYPE,
     max_batch_size: Optional[int] = typer.Option(None, help="default: from plan"),
     max_input_len: Optional[int] = typer.Option(None, help="default: half of max_seq_len"),
     max_seq_len: Optional[int] = typer.Option(None, help="default: 4096 (or the model's positions if fewer)"),

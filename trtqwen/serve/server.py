@@ -170,8 +170,10 @@ def explain_log(log: Path, lines: int = 25) -> str:
 
 def start(repo: Path, models: list[str], host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 8001,
           metrics_port: int = 8002, log: Path | None = None, world_size: int = 1, timeout: float = 180,
-          install: TritonInstall | None = None) -> dict:
-    """Start tritonserver in the background and wait for it and every model to be ready; returns its state."""
+          install: TritonInstall | None = None, env: dict | None = None) -> dict:
+    """Start tritonserver in the background and wait for it and every model to be ready; returns its state.
+
+    env: more environment for the server and its models (e.g. TRTQWEN_PROFILE_DIR)."""
     repo = Path(repo)
     if not repo.is_dir():
         raise UserError(f"no model repository at {repo}", "run `trtqwen package <build dir> --out model_repo` first")
@@ -188,7 +190,7 @@ def start(repo: Path, models: list[str], host: str = "127.0.0.1", http_port: int
     cmd = server_command(install, repo, host, http_port, grpc_port, metrics_port, world_size)
     if world_size > 1 and not shutil.which("mpirun"):
         raise UserError("tensor parallel serving needs mpirun", "install OpenMPI (it comes with NVIDIA's TensorRT-LLM container)")
-    env = {**os.environ, **install.env}
+    env = {**os.environ, **install.env, **(env or {})}
     with log.open("w") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     base = f"http://{host}:{http_port}"

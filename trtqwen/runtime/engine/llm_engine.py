@@ -3,6 +3,12 @@
 One thread calls `step()`; any thread may `add()` or `cancel()`. Each step admits waiting requests to free
 KV slots, prefills up to a token budget (chunked, so long prompts do not stall running streams), then
 decodes one token for every running sequence in a single batched forward.
+
+Overlap ("one step ahead", on by default on a GPU): while the decode batch stays the same, each step launches the
+next decode from the tokens just sampled, still on the device, and only then reads this step's tokens and runs the
+host's bookkeeping and callbacks, so the GPU works meanwhile. Any change to the batch (a sequence joins or finishes,
+a prompt is in progress) drains the pipeline: the step launched ahead is read, its finished sequences' tokens dropped,
+and the next step starts from the host again. Every step accepts exactly the tokens the synchronous step would.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import itertools
 import torch
 
 from trtqwen.errors import UserError
-from trtqwen.runtime.engine.model_runner import ModelRunner
+from trtqwen.runtime.engine.model_runner import ModelRunner, Sampled
 from trtqwen.runtime.engine.scheduler import Scheduler
 from trtqwen.runtime.engine.sequence import Request, TokenCallback
 from trtqwen.runtime.layers.sampler import SamplingParams
@@ -21,14 +27,19 @@ from trtqwen.runtime.models.qwen2 import Qwen2Model
 
 class LLMEngine:
     def __init__(self, model: Qwen2Model, max_slots: int = 8, max_seq_len: int | None = None, prefill_chunk: int = 512,
-                 cuda_graphs: bool | None = None):
-        """cuda_graphs: replay decode steps from CUDA graphs (default: on when the model is on a GPU)."""
+                 cuda_graphs: bool | None = None, overlap: bool | None = None):
+        """cuda_graphs: replay decode steps from CUDA graphs (default: on when the model is on a GPU).
+        overlap: launch each decode step before the host reads the last one's tokens (default: on when the model is
+        on a GPU). A tensor-parallel model always steps synchronously: its ranks get each step's inputs from the host."""
         self.model = model
         self.max_seq_len = min(max_seq_len or model.max_positions, model.max_positions)
         self.runner = ModelRunner(model, max_slots, self.max_seq_len, cuda_graphs)
         self.graphs = self.runner.graphs
         self.scheduler = Scheduler(max_slots, prefill_chunk)
         self.ids = itertools.count(1)
+        on_gpu = model.device.type == "cuda"
+        self.overlap = isinstance(model, Qwen2Model) and (overlap if overlap is not None else on_gpu)
+        self.ahead: tuple[list[Request], Sampled] | None = None  # the next step's decode, launched, not yet read
 
     # --- called from any thread -------------------------------------------------------------
     def add(self, prompt: list[int], params: SamplingParams | None = None, on_token: TokenCallback | None = None) -> Request:
@@ -59,11 +70,10 @@ class LLMEngine:
         if req.on_token:
             req.on_token(req, None, reason)
 
-    def _accept(self, reqs: list[Request], logits: torch.Tensor) -> list[Request]:
-        """Sample one token per request, record it, decide who is finished; return those."""
-        tokens = self.runner.sample(reqs, logits)
-        self.runner.count(reqs, tokens)
-        for req, tok in zip(reqs, tokens):
+    def _accept(self, reqs: list[Request], tokens: list[int]) -> list[Request]:
+        """Record one sampled token per request, decide who is finished; return those."""
+        live = [(r, t) for r, t in zip(reqs, tokens) if not r.finished]  # finished after a step launched ahead: dropped
+        for req, tok in live:
             p = req.params
             if p.end_id is not None and tok == p.end_id:
                 self._finish(req, "stop")
@@ -75,10 +85,27 @@ class LLMEngine:
                 self._finish(req, "stop_word")
             elif len(req.output) >= p.max_tokens or req.length >= self.max_seq_len:
                 self._finish(req, "length")
-        return [r for r in reqs if r.finished]
+        return [r for r, _ in live if r.finished]
+
+    def _decode(self, decoding: list[Request], joined: bool) -> list[Request]:
+        """This step's token for every decoding sequence; return who finished. joined: sequences got their first
+        token this step (they decode from the next one: the batch changes)."""
+        if self.ahead is not None:  # launched last step: it is this step's decode
+            (reqs, sampled), self.ahead = self.ahead, None
+        elif decoding:
+            reqs = decoding
+            sampled = self.runner.sample(reqs, self.runner.decode(reqs, self.scheduler.running))
+        else:
+            return []
+        # the same batch next step: nobody finished since `reqs` was launched, nobody joins, no prompt in progress
+        if self.overlap and not joined and len(decoding) == len(reqs) == len(self.scheduler.running):
+            self.ahead = (reqs, self.runner.sample(reqs, self.runner.decode_next(sampled.tokens), ahead=1))
+        return self._accept(reqs, sampled.tolist())
 
     def step(self) -> list[Request]:
         """Admit, prefill a chunk budget, decode one token for every running sequence; return who finished."""
+        if self.ahead is not None and self.scheduler.waiting and self.scheduler.free_slots:
+            self.ahead[1].wait()  # a slot freed under the step in flight is handed out only once that step has run
         for req in self.scheduler.admit():
             self.runner.start(req)
         running, waiting = self.scheduler.cancelled()
@@ -98,13 +125,10 @@ class LLMEngine:
                 first.append((req, logits))
         for group in plan.fresh:
             first += [(r, row[None]) for r, row in zip(group, self.runner.prefill_fresh(group))]
+        joined = [r for r, _ in first]
         if first:
-            done += self._accept([r for r, _ in first], torch.cat([l for _, l in first]))
-
-        decoding = self.scheduler.decoding([r for r, _ in first])
-        if decoding:
-            done += self._accept(decoding, self.runner.decode(decoding, self.scheduler.running))
-        return done
+            done += self._accept(joined, self.runner.sample(joined, torch.cat([l for _, l in first])).tolist())
+        return done + self._decode(self.scheduler.decoding(joined), bool(joined))
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None) -> list[Request]:
         """Convenience: run these prompts to completion, batched."""

@@ -5,6 +5,11 @@ CUDA graphs: one per (batch bucket, KV-length bucket), captured at start.
 Replaying a graph launches the whole step (28 layers × a dozen kernels) with one call, which is what bounds
 an eager step at small batch. Inputs go through static buffers; a batch pads up to its bucket with slots that
 write where their own next write lands anyway (ModelRunner.decode), and attention reads only the KV-length bucket.
+
+Overlap (LLMEngine): decode_next feeds the tokens a step sampled, still on the device, to the next step of the same
+batch, so that step is queued before the host has read them (Sampled). A sequence that finished meanwhile has had
+one step too many computed in its own slot: harmless, since a sequence only ever reads cache positions it wrote
+itself (prefill writes 0..prompt-1, each decode writes its position before attending up to it).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import bisect
 import torch
 
 from trtqwen.runtime.engine.sequence import Request
-from trtqwen.runtime.layers.sampler import SamplingParams, sample
+from trtqwen.runtime.layers.sampler import SamplingParams, on_device, sample
 from trtqwen.runtime.models.qwen2 import KVCache, Qwen2Model
 
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -71,17 +76,41 @@ class GraphedDecode:
         self.graphs[(b, kv)] = (graph, out)
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """tokens, positions [b] with b a bucket (see padded) → logits [b, V], valid until the next call."""
+        """tokens, positions [b] (host) with b a bucket (see padded) → logits [b, V], valid until the next call."""
         b = tokens.shape[0]
-        kv_needed = int(positions.max()) + 1  # positions arrive from the host: no device sync here
-        kv = self.kv_lens[bisect.bisect_left(self.kv_lens, kv_needed)]
         self.tokens[:b].copy_(tokens, non_blocking=True)
         self.positions[:b].copy_(positions, non_blocking=True)
+        return self.replay(b, int(positions.max()) + 1)  # positions arrive from the host: no device sync here
+
+    def replay(self, b: int, kv_needed: int) -> torch.Tensor:
+        """The step on what the static buffers hold now (ModelRunner.decode_next advances them on the device)."""
+        kv = self.kv_lens[bisect.bisect_left(self.kv_lens, kv_needed)]
         if (b, kv) not in self.graphs:  # not captured (CPU): the same bucketed step, run eagerly
             return self._run(b, kv)
         graph, out = self.graphs[(b, kv)]
         graph.replay()
         return out
+
+
+class Sampled:
+    """Sampled tokens [n]: on the device (the next step's input) and on their way to the host without a stream sync."""
+
+    def __init__(self, tokens: torch.Tensor):
+        self.tokens, self.host, self.ready = tokens, tokens, None
+        if tokens.is_cuda:
+            self.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self.host.copy_(tokens, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+
+    def wait(self) -> None:
+        """Until this step (and all queued before it) has run on the device."""
+        if self.ready is not None:
+            self.ready.synchronize()  # releases the GIL: the serving thread runs meanwhile
+
+    def tolist(self) -> list[int]:
+        self.wait()
+        return self.host.tolist()
 
 
 class ModelRunner:
@@ -99,6 +128,9 @@ class ModelRunner:
                 self.graphs.capture_all()
         self.counts: torch.Tensor | None = None  # [slots, V] token counts, only once penalties are asked for
         self.out_counts: torch.Tensor | None = None
+        # the last decode, for decode_next: padded batch, rows (slots) of its sequences, KV positions it needed, and
+        # its input buffers when not graphed
+        self.batch, self.rows, self.kv_needed, self.inputs = 0, None, 0, None
 
     def start(self, req: Request) -> None:
         """A request took its slot: count its prompt tokens if it asks for penalties."""
@@ -114,21 +146,20 @@ class ModelRunner:
         self.counts[req.slot].index_add_(0, torch.tensor(req.prompt, device=self.device),
                                          torch.ones(len(req.prompt), device=self.device))
 
-    def count(self, reqs: list[Request], tokens: list[int]) -> None:
-        if self.counts is not None:
-            slots = torch.tensor([r.slot for r in reqs], device=self.device)
-            toks = torch.tensor(tokens, device=self.device)
-            self.counts[slots, toks] += 1
-            self.out_counts[slots, toks] += 1
-
-    def sample(self, reqs: list[Request], logits: torch.Tensor) -> list[int]:
-        steps = torch.tensor([len(r.output) for r in reqs])
+    def sample(self, reqs: list[Request], logits: torch.Tensor, ahead: int = 0) -> Sampled:
+        """One token per request, counted for penalties on the device. ahead: tokens already sampled for each
+        request but not yet in req.output (the host has not read them)."""
+        generated = [len(r.output) + ahead for r in reqs]
         counts = out_counts = None
         if self.counts is not None:
-            slots = torch.tensor([r.slot for r in reqs], device=self.device)
+            slots = on_device([r.slot for r in reqs], self.device)
             counts, out_counts = self.counts[slots], self.out_counts[slots]
         params: list[SamplingParams] = [r.params for r in reqs]
-        return sample(logits, params, steps, counts, out_counts, [len(r.output) for r in reqs]).tolist()
+        tokens = sample(logits, params, torch.tensor(generated), counts, out_counts, generated)
+        if self.counts is not None:  # a token dropped later (its sequence had finished) counts in a slot start() resets
+            self.counts[slots, tokens] += 1
+            self.out_counts[slots, tokens] += 1
+        return Sampled(tokens)
 
     def prefill(self, req: Request, n: int) -> torch.Tensor:
         """The next n prompt tokens of req → logits [1, V] of the last one."""
@@ -158,8 +189,24 @@ class ModelRunner:
         for r in decoding:
             tokens[r.slot] = r.output[-1]
             positions[r.slot] = r.length - 1
+        self.batch, self.kv_needed = B, int(positions.max()) + 1
+        self.rows = on_device([r.slot for r in decoding], self.device)
         if self.graphs is not None:
             logits = self.graphs(tokens, positions)
         else:
-            logits = self.model.decode(tokens.to(self.device), positions.to(self.device), self.cache)
-        return logits[torch.tensor([r.slot for r in decoding], device=logits.device)]
+            self.inputs = (tokens.to(self.device), positions.to(self.device))
+            logits = self.model.decode(*self.inputs, self.cache, self.kv_needed)
+        return logits[self.rows]
+
+    def decode_next(self, sampled: torch.Tensor) -> torch.Tensor:
+        """The last decode's batch one position on, fed the tokens it sampled [n] (device): launched without the
+        host reading them. Padding slots keep their positions. → logits [n, V]"""
+        tokens, positions = (self.graphs.tokens, self.graphs.positions) if self.graphs is not None else self.inputs
+        tokens.index_copy_(0, self.rows, sampled)
+        positions[self.rows] += 1
+        self.kv_needed += 1
+        if self.graphs is not None:
+            logits = self.graphs.replay(self.batch, self.kv_needed)
+        else:
+            logits = self.model.decode(tokens, positions, self.cache, self.kv_needed)
+        return logits[self.rows]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
-from trtqwen.runtime.layers import quant
+from trtqwen.runtime.layers import int4_triton, quant
 
 
 class Linear(torch.nn.Module):
@@ -36,35 +38,39 @@ class Linear(torch.nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+TINYGEMM_MAX_M = "16"
+
+
 class Int4Linear(torch.nn.Module):
-    """Weight-only INT4 (AWQ groups) on torch's int4 GEMM (tinygemm on CUDA): a quarter of the weight bytes.
+    """Weight-only INT4 (AWQ groups) on a W4A16 GEMM that dequantizes in registers: a quarter of the weight bytes.
 
-    q holds the checkpoint's signed 4-bit values [out, in]; scales [out, in/group]. Packed once at load:
-    the kernel computes (u - 8) · scale + zero with u = q + 8 unsigned and zero = 0 (AWQ is symmetric).
+    q holds the checkpoint's signed 4-bit values [out, in]; scales [out, in/group]. Packed once at load into the one
+    layout every batch size reads (int4_triton: int32 words of 8 nibbles along in, [in/8, out]; scales [in/g, out]):
+    Triton on CUDA from GEMV-like decode to long prefills, the same math in torch on CPU.
     """
-
-    INNER_K_TILES = 8
 
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, group_size: int, bias=None, pre_quant_scale=None,
                  dtype: torch.dtype = torch.bfloat16):
         super().__init__()
         self.out_features, self.in_features = q.shape
         self.group_size = group_size
-        u = (q.to(torch.int32) + 8)
-        if q.is_cuda:
-            packed = torch._convert_weight_to_int4pack((u[:, ::2] << 4 | u[:, 1::2]).to(torch.uint8), self.INNER_K_TILES)
-        else:
-            packed = torch._convert_weight_to_int4pack_for_cpu(u, self.INNER_K_TILES)
-        s = scales.t().to(dtype)
-        self.register_buffer("packed", packed)
-        self.register_buffer("scales_zeros", torch.stack([s, torch.zeros_like(s)], dim=-1).contiguous())  # [in/g, out, 2]
+        self.register_buffer("packed", int4_triton.pack(q))
+        self.register_buffer("scales", scales.t().to(dtype).contiguous())
+        # Small decode batches on tinygemm (3× faster than our Triton kernel at 1-8 rows on an H200: bench/int4_kernel.py),
+        # at the cost of a second int4 copy; TRTQWEN_INT4_TINYGEMM_MAX_M=0 keeps one copy and Triton for every M.
+        self.tinygemm_max_m = int(os.environ.get("TRTQWEN_INT4_TINYGEMM_MAX_M", TINYGEMM_MAX_M)) if q.is_cuda else 0
+        if self.in_features % 128 or self.out_features % 8:  # tinygemm's tiles
+            self.tinygemm_max_m = 0
+        if self.tinygemm_max_m:
+            u = (q.to(torch.int32) + 8)
+            self.register_buffer("tinygemm", torch._convert_weight_to_int4pack((u[:, ::2] << 4 | u[:, 1::2]).to(torch.uint8), 8))
+            self.register_buffer("scales_zeros", torch.stack([self.scales, torch.zeros_like(self.scales)], -1).contiguous())
         self.register_buffer("bias", None if bias is None else bias.to(dtype))
         self.register_buffer("pre_quant_scale", None if pre_quant_scale is None else pre_quant_scale.to(dtype))
 
     @staticmethod
     def supported(q: torch.Tensor, group_size: int) -> bool:
-        out, inp = q.shape
-        return group_size in (32, 64, 128, 256) and inp % (Int4Linear.INNER_K_TILES * 16) == 0 and out % 8 == 0
+        return group_size in (32, 64, 128, 256) and q.shape[1] % group_size == 0
 
     @classmethod
     def packing(cls, lin: Linear, device, dtype: torch.dtype) -> "Int4Linear | None":
@@ -79,8 +85,11 @@ class Int4Linear(torch.nn.Module):
         if self.pre_quant_scale is not None:
             x = x * self.pre_quant_scale
         flat = x.reshape(-1, self.in_features)
-        mm = torch._weight_int4pack_mm if flat.is_cuda else torch._weight_int4pack_mm_for_cpu
-        y = mm(flat, self.packed, self.group_size, self.scales_zeros).reshape(*x.shape[:-1], self.out_features)
+        if flat.shape[0] <= self.tinygemm_max_m:
+            y = torch._weight_int4pack_mm(flat, self.tinygemm, self.group_size, self.scales_zeros)
+        else:
+            y = int4_triton.w4a16_mm(flat, self.packed, self.scales, self.group_size)
+        y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
 

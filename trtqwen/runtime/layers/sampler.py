@@ -30,6 +30,15 @@ class SamplingParams:
         return self.temperature <= 0 or self.top_k == 1 or (self.top_k == 0 and self.top_p <= 0)
 
 
+def on_device(values, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Host values (a list or a tensor) on the device without a stream sync: a plain copy to a GPU waits for the
+    queued work, a non-blocking one from pinned memory does not (the overlapped decode relies on it)."""
+    t = torch.as_tensor(values, dtype=dtype)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _mix(x: torch.Tensor) -> torch.Tensor:
     """splitmix64 finaliser on int64 tensors (wrapping arithmetic), a good counter-based hash."""
     x = x ^ ((x >> 30) & 0x3FFFFFFFF)
@@ -61,7 +70,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], steps: torch.Tens
     """Next token for each row of logits [B, V] under each row's params; returns int64 [B]."""
     B, V = logits.shape
     dev = logits.device
-    f = lambda attr: torch.tensor([getattr(p, attr) for p in params], device=dev, dtype=torch.float32)  # noqa: E731
+    f = lambda attr: on_device([getattr(p, attr) for p in params], dev, torch.float32)  # noqa: E731
     logits = logits.float()
     if counts is not None and any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in params):
         logits = apply_penalties(logits, counts, out_counts, f("repetition_penalty"), f("presence_penalty"),
@@ -70,23 +79,22 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], steps: torch.Tens
         for i, p in enumerate(params):
             if p.end_id is not None and generated[i] < p.min_tokens and p.end_id < V:
                 logits[i, p.end_id] = float("-inf")
-    greedy_rows = torch.tensor([p.greedy for p in params], device=dev)
     greedy_tok = logits.argmax(-1)
-    if bool(greedy_rows.all()):
+    if all(p.greedy for p in params):  # decided on the host: no wait for the device
         return greedy_tok
 
     temp = f("temperature").clamp_min(1e-5).view(-1, 1)
     scaled = logits / temp
     sorted_logits, order = scaled.sort(-1, descending=True)
     ranks = torch.arange(V, device=dev).view(1, -1)
-    top_k = torch.tensor([p.top_k if p.top_k > 0 else V for p in params], device=dev).view(-1, 1)
-    top_p = torch.tensor([p.top_p if p.top_p > 0 else 1.0 for p in params], device=dev).view(-1, 1)
+    top_k = on_device([p.top_k if p.top_k > 0 else V for p in params], dev).view(-1, 1)
+    top_p = on_device([p.top_p if p.top_p > 0 else 1.0 for p in params], dev).view(-1, 1)
     probs = sorted_logits.softmax(-1)
     cum_before = probs.cumsum(-1) - probs  # mass of strictly better tokens; the best token always stays
     keep_sorted = (ranks < top_k) & (cum_before < top_p)
     keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
     filtered = scaled.masked_fill(~keep, float("-inf"))
-    seeds = torch.tensor([p.seed & ((1 << 62) - 1) for p in params], device=dev, dtype=torch.int64)
-    gumbel = -torch.log(-torch.log(uniform_noise(seeds, steps.to(dev).long(), V)))
+    seeds = on_device([p.seed & ((1 << 62) - 1) for p in params], dev, torch.int64)
+    gumbel = -torch.log(-torch.log(uniform_noise(seeds, on_device(steps, dev, torch.int64), V)))
     sampled = (filtered + gumbel).argmax(-1)
-    return torch.where(greedy_rows, greedy_tok, sampled)
+    return torch.where(on_device([p.greedy for p in params], dev), greedy_tok, sampled)

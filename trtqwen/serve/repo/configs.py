@@ -95,10 +95,11 @@ def tensorrt_llm_config(s: RepoSettings) -> mc.ModelConfig:
 
 def tensorrt_llm_torch_config(s: RepoSettings) -> mc.ModelConfig:
     """Our python model running the reference runtime, with the C++ backend's tensors and parameter keys."""
-    c = _base(itf.TENSORRT_LLM, s, itf.TRTLLM_INPUTS, itf.TRTLLM_OUTPUTS, count=s.instances, decoupled=s.streaming)
+    c = _base(itf.TENSORRT_LLM, s, itf.TRTLLM_INPUTS, itf.TORCH_TRTLLM_OUTPUTS, count=s.instances, decoupled=s.streaming)
     _dynamic_batching(c, s)
     return _params(c, {
         **_trtllm_common_params(s),
+        "skip_special_tokens": _b(s.skip_special_tokens),  # for its text_output, as postprocessing decodes
         "gpu_device_ids": s.gpu_device_ids,
         # The engine knows these; the reference runtime is told (it serves checkpoints, not engines).
         "max_input_len": s.max_input_len,
@@ -164,8 +165,10 @@ def _step(c: mc.ModelConfig, model: str, inputs: dict[str, str], outputs: dict[s
 def ensemble_config(s: RepoSettings) -> mc.ModelConfig:
     """preprocessing → tensorrt_llm → postprocessing, wired as NVIDIA's ensemble is.
 
-    With the llmapi runtime the tensorrt_llm step speaks text (its own inputs), so the ensemble's one step is
-    tensorrt_llm_bls, which adapts the same text interface to it.
+    The torch runtime's tensorrt_llm answers in text itself, so its ensemble ends there (one python hop less per
+    response; postprocessing stays in the repository for callers of it). With the llmapi runtime the tensorrt_llm
+    step speaks text (its own inputs), so the ensemble's one step is tensorrt_llm_bls, which adapts the same text
+    interface to it.
     """
     c = mc.ModelConfig(name=itf.ENSEMBLE, platform="ensemble", max_batch_size=s.max_batch_size)
     _add_tensors(c.input, itf.TEXT_INPUTS, "input")
@@ -175,6 +178,9 @@ def ensemble_config(s: RepoSettings) -> mc.ModelConfig:
         _step(c, itf.BLS, names, {t.name: t.name for t in itf.TEXT_OUTPUTS})
         return c
     _step(c, itf.PREPROCESSING, itf.ENSEMBLE_PREPROCESSING_INPUTS, itf.ENSEMBLE_PREPROCESSING_OUTPUTS)
+    if s.runtime == "torch":
+        _step(c, itf.TENSORRT_LLM, itf.ENSEMBLE_TRTLLM_INPUTS, itf.ENSEMBLE_TORCH_TRTLLM_OUTPUTS)
+        return c
     _step(c, itf.TENSORRT_LLM, itf.ENSEMBLE_TRTLLM_INPUTS, itf.ENSEMBLE_TRTLLM_OUTPUTS)
     _step(c, itf.POSTPROCESSING, itf.ENSEMBLE_POSTPROCESSING_INPUTS, itf.ENSEMBLE_POSTPROCESSING_OUTPUTS)
     return c

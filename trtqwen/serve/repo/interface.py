@@ -135,6 +135,10 @@ TRTLLM_OUTPUTS = (
     _t("sequence_length", "INT32", (-1,)),
 ) + PASSTHROUGH_OUTPUTS
 
+# The torch runtime's tensorrt_llm also answers in text (decoded once per response, in the model), so its ensemble
+# goes preprocessing → tensorrt_llm without a postprocessing hop per response (the C++ backend has no text output).
+TORCH_TRTLLM_OUTPUTS = TRTLLM_OUTPUTS + (_t("text_output", "STRING", (-1,)),)
+
 # --- postprocessing: token ids → text --------------------------------------------------------------------------
 POSTPROCESSING_INPUTS = (
     _t("TOKENS_BATCH", "INT32", (-1, -1), optional=False),
@@ -166,5 +170,6 @@ ENSEMBLE_TRTLLM_INPUTS = {
 }
 ENSEMBLE_TRTLLM_OUTPUTS = {"output_ids": "_TOKENS_BATCH", "sequence_length": "_SEQUENCE_LENGTH",
                            **{t.name: t.name for t in PASSTHROUGH_OUTPUTS}}
+ENSEMBLE_TORCH_TRTLLM_OUTPUTS = {"text_output": "text_output", **{t.name: t.name for t in PASSTHROUGH_OUTPUTS}}
 ENSEMBLE_POSTPROCESSING_INPUTS = {"TOKENS_BATCH": "_TOKENS_BATCH", "SEQUENCE_LENGTH": "_SEQUENCE_LENGTH"}
 ENSEMBLE_POSTPROCESSING_OUTPUTS = {"OUTPUT": "text_output"}

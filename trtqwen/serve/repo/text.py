@@ -161,11 +161,6 @@ def parse_word_list(arr) -> list[list[int]]:
     return words
 
 
-def is_complete_text(tokenizer, ids: list[int]) -> bool:
-    """True when these ids decode to whole characters (no partial UTF-8 sequence at the end)."""
-    return not tokenizer.decode(ids, skip_special_tokens=False).endswith(REPLACEMENT)
-
-
 class IncrementalDecoder:
     """Ids in, text deltas out; a delta is emitted only once its characters are complete.
 
@@ -221,3 +216,37 @@ class TextDeltas:
             self.held, delta = delta[len(complete) :], complete
         self.sent += delta
         return delta
+
+
+class Profile:
+    """Where a served token's time goes: named counters (seconds, counts) of one python model.
+
+    Off unless TRTQWEN_PROFILE_DIR is set in the server's environment; then `<dir>/<model>.json` holds the
+    running totals, rewritten (atomically) at most every `every_s` seconds, so a benchmark can diff two reads.
+    """
+
+    def __init__(self, model: str, every_s: float = 0.25):
+        d = os.environ.get("TRTQWEN_PROFILE_DIR")
+        self.path = os.path.join(d, f"{model}.json") if d else None
+        if d:
+            os.makedirs(d, exist_ok=True)
+        self.totals: dict[str, float] = {}
+        self.every_s, self.written = every_s, 0.0
+
+    def add(self, **values: float) -> None:
+        if self.path is None:
+            return
+        for k, v in values.items():
+            self.totals[k] = self.totals.get(k, 0.0) + v
+
+    def write(self, now: float, force: bool = False) -> None:
+        if self.path is None or (not force and now - self.written < self.every_s):
+            return
+        self.written = now
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(dict(self.totals), f)  # a copy: another thread may add a counter meanwhile
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # counters are for benchmarks; serving never stops over them

@@ -1,14 +1,17 @@
 """`postprocessing`: token ids → text, one response at a time (stateless, as tensorrtllm_backend's is).
 
-Streamed CJK stays clean in the ensemble because the torch runtime's `tensorrt_llm` sends token groups that
-end on a character boundary; the C++ backend sends single tokens, so with it use `tensorrt_llm_bls`
-(accumulate_tokens), which detokenizes incrementally.
+The ensemble over TensorRT engines (runtime trtllm) ends here. The C++ backend streams single tokens, so a CJK
+character split over two of them decodes as U+FFFD here: stream through `tensorrt_llm_bls` (accumulate_tokens),
+which detokenizes incrementally. The torch runtime's tensorrt_llm answers in text itself (whole characters per
+response), and its ensemble skips this hop.
 """
 
 
+import time
+
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from trtqwen_text import as_bool, config_param, load_tokenizer, model_config
+from trtqwen_text import Profile, as_bool, config_param, load_tokenizer, model_config
 
 
 class TritonPythonModel:
@@ -16,8 +19,10 @@ class TritonPythonModel:
         cfg = model_config(args)
         self.tokenizer = load_tokenizer(config_param(cfg, "tokenizer_dir"))
         self.skip_special_tokens = as_bool(config_param(cfg, "skip_special_tokens"), True)
+        self.profile = Profile(args.get("model_instance_name", "postprocessing"))
 
     def execute(self, requests):
+        t0 = time.perf_counter()
         responses = []
         for request in requests:
             try:
@@ -33,4 +38,7 @@ class TritonPythonModel:
                 responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("OUTPUT", out)]))
             except Exception as e:  # noqa: BLE001
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"postprocessing: {e}")))
+        now = time.perf_counter()
+        self.profile.add(executes=1, requests=len(requests), execute_s=now - t0)
+        self.profile.write(now)
         return responses

@@ -1,9 +1,13 @@
 """`tensorrt_llm` served by trtqwen's reference PyTorch runtime, with the C++ backend's tensors and parameters.
 
-In-flight batching: `execute` validates each request, adds it to one shared LLMEngine and returns at once;
-one background thread steps the engine and answers through each request's response sender. Streaming sends
-the new tokens as they come, grouped so that every response decodes to whole characters (a CJK character split
-over two tokens goes out in one response), which keeps the ensemble's stateless postprocessing clean.
+In-flight batching: `execute` validates each request, adds it to one shared LLMEngine and returns at once.
+Two threads do the rest: the stepping thread only steps the engine (the GPU never waits for a response to go
+out), and the sending thread answers through each request's response sender. Streaming sends what a stream has
+gained since its last response: one token per response while sending keeps up, several once it does not
+(32 streams at GPU speed), so the number of responses — each an IPC round trip through Triton and a hop through
+postprocessing — stays what the server can carry. Every response decodes to whole characters (a CJK character
+split over two tokens goes out in one response), and carries its text (`text_output`, what the ensemble returns:
+decoded here once, so the ensemble needs no postprocessing hop) besides the ids.
 A request whose client has gone is cancelled at the next step; a bad request gets an error response and
 the model keeps serving.
 """
@@ -15,7 +19,7 @@ import uuid
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from trtqwen_text import (SAMPLING_RULES, BadRequest, as_bool, check_sampling, config_param, is_complete_text,
+from trtqwen_text import (REPLACEMENT, SAMPLING_RULES, BadRequest, Profile, as_bool, check_sampling, config_param,
                           load_tokenizer, model_config, parse_word_list)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -37,13 +41,16 @@ def _value(request, name, default=None):
 class Stream:
     """One client request in flight."""
 
-    def __init__(self, sender, request_id, prompt, streaming, exclude_input, want_in, want_out):
+    def __init__(self, sender, request_id, prompt, streaming, exclude_input, want_in, want_out, want_text):
         self.sender, self.request_id, self.prompt = sender, request_id, prompt
         self.streaming, self.exclude_input = streaming, exclude_input
-        self.want_in, self.want_out = want_in, want_out
-        self.pending: list[int] = []  # streamed tokens not sent yet (an incomplete character)
-        self.output: list[int] = []
-        self.finish: str | None = None
+        self.want_in, self.want_out, self.want_text = want_in, want_out, want_text
+        self.new: list[int] = []  # tokens of the current step (stepping thread only)
+        self.output: list[int] = []  # every token so far (stepping thread only)
+        self.pending: list[int] = []  # tokens not sent yet, moved from `new` under the model's lock
+        self.finish: str | None = None  # set with the last tokens, under the lock
+        self.error: str | None = None  # the stream ends with this error instead of its tokens
+        self.reason: str | None = None  # the engine's finish reason (stepping thread), published as `finish`
         self.req = None  # the engine's Request
         self.closed = False
 
@@ -81,13 +88,19 @@ class TritonPythonModel:
         self.tokenizer = None
         if param("tokenizer_dir"):
             self.tokenizer = load_tokenizer(param("tokenizer_dir"))
+            self.special = set(self.tokenizer.all_special_ids)
+        self.skip_special = as_bool(param("skip_special_tokens"), True)
         self.lock = threading.Lock()
         self.streams: dict[str, Stream] = {}  # request id → stream, for `stop` requests and cancellation
         self.dirty: list[Stream] = []  # touched during a step (filled by on_token, in the stepping thread)
-        self.wake = threading.Event()
-        self.running = True
+        self.outbox: dict[Stream, None] = {}  # streams with something to send, in order (under the lock)
+        self.wake, self.ready = threading.Event(), threading.Event()  # work for the stepper / for the sender
+        self.profile = Profile(args.get("model_instance_name", "tensorrt_llm"))
+        self.running = self.sending = True
         self.thread = threading.Thread(target=self._loop, name="trtqwen-engine", daemon=True)
+        self.sender_thread = threading.Thread(target=self._send_loop, name="trtqwen-send", daemon=True)
         self.thread.start()
+        self.sender_thread.start()
         tp = getattr(self.model, "tp_size", 1)
         where = self.device if tp == 1 else f"{self.device}, TP {tp}: one process per rank" + (f" on GPUs {gpus}" if gpus else "")
         self.logger.log_info(f"[trtqwen] tensorrt_llm (torch runtime) on {where}: {self.slots} slots, "
@@ -194,18 +207,21 @@ class TritonPythonModel:
             pad_id=int(_value(request, "pad_id", self.pad_id)),
             stop_words=parse_word_list(self._array(request, "stop_words_list")),
         )
+        want_text = "text_output" in request.requested_output_names()
+        if want_text and self.tokenizer is None:
+            raise BadRequest("text_output needs the tokenizer: package the repository with its tokenizer_dir")
         request_id = request.request_id() or uuid.uuid4().hex
         stream = Stream(sender, request_id, prompt, streaming,
                         as_bool(_value(request, "exclude_input_in_output"), self.exclude_input_default),
                         as_bool(_value(request, "return_num_input_tokens"), False),
-                        as_bool(_value(request, "return_num_output_tokens"), False))
+                        as_bool(_value(request, "return_num_output_tokens"), False), want_text)
 
         def on_token(req, token, reason, stream=stream):  # called in the stepping thread
             if token is not None:
-                stream.pending.append(token)
+                stream.new.append(token)
                 stream.output.append(token)
             if reason is not None:
-                stream.finish = reason
+                stream.reason = reason
             self.dirty.append(stream)
 
         with self.lock:
@@ -222,51 +238,101 @@ class TritonPythonModel:
         t = pb_utils.get_input_tensor_by_name(request, name)
         return None if t is None else t.as_numpy()
 
-    # --- the stepping thread -----------------------------------------------------------------------------------
+    # --- the stepping thread: steps, and hands each step's tokens to the sender ------------------------------------
     def _loop(self):
-        last_check = 0.0
         while self.running:
             if not self.engine.has_work():
                 self.wake.wait(0.05)
                 self.wake.clear()
                 continue
+            t0 = time.perf_counter()
             try:
                 self.engine.step()
             except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the server
                 self.logger.log_error(f"[trtqwen] engine step failed: {e!r}")
                 self._fail_all(f"generation failed: {e}")
                 continue
-            dirty, self.dirty = self.dirty, []
-            for stream in dict.fromkeys(dirty):
-                self._flush(stream)
-            if time.monotonic() - last_check > CANCEL_CHECK_S:
-                last_check = time.monotonic()
-                self._check_cancelled()
+            t1 = time.perf_counter()
+            dirty, self.dirty = list(dict.fromkeys(self.dirty)), []
+            tokens = sum(len(s.new) for s in dirty)
+            self._publish(dirty)
+            self.profile.add(step_s=t1 - t0, steps=1, step_tokens=tokens, publish_s=time.perf_counter() - t1)
 
-    def _flush(self, s: Stream):
+    def _publish(self, dirty: list[Stream]) -> None:
+        """This step's tokens and finishes, to the sender (one lock per step, not per token)."""
+        if not dirty:
+            return
+        with self.lock:
+            for s in dirty:
+                s.pending += s.new
+                s.new = []
+                if s.reason is not None:
+                    s.finish = s.reason
+                self.outbox[s] = None
+        self.ready.set()
+
+    # --- the sending thread: one response per stream per pass, carrying all it has gained ------------------------
+    def _send_loop(self):
+        last_check = 0.0
+        while self.sending or self.outbox:
+            self.ready.wait(0.05)
+            self.ready.clear()
+            with self.lock:
+                batch = [(s, s.pending, s.finish) for s in self.outbox]
+                for s, _, _ in batch:
+                    s.pending = []
+                self.outbox = {}
+            for s, ids, finish in batch:
+                self._flush(s, ids, finish)
+            now = time.perf_counter()
+            if now - last_check > CANCEL_CHECK_S:  # here, not in the stepper: a sender is asked only while open
+                last_check = now
+                self._check_cancelled()
+            self.profile.write(now)
+
+    def _flush(self, s: Stream, ids: list[int], finish: str | None) -> None:
         if s.closed:
             return
-        if s.finish is not None:
-            if s.finish == "cancelled":
+        if s.error is not None:
+            self._close(s, pb_utils.InferenceResponse(error=pb_utils.TritonError(s.error)))
+        elif finish is not None:
+            if finish == "cancelled":
                 self.logger.log_info(f"[trtqwen] request {s.request_id} cancelled after {len(s.output)} tokens")
-            if s.finish == "cancelled" and s.sender.is_cancelled():
-                self._close(s, pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError("request cancelled by the client", pb_utils.TritonError.CANCELLED)))
-                return
-            if s.streaming:
-                ids = s.pending
-            else:
-                ids = (s.output if s.exclude_input else s.prompt + s.output)
+                if s.sender.is_cancelled():
+                    self._close(s, pb_utils.InferenceResponse(
+                        error=pb_utils.TritonError("request cancelled by the client", pb_utils.TritonError.CANCELLED)))
+                    return
+            if not s.streaming:
+                ids = s.output if s.exclude_input else s.prompt + s.output
             self._close(s, self._response(s, ids))
-        elif s.streaming and s.pending:
-            if self.tokenizer is None or is_complete_text(self.tokenizer, s.pending):
-                ids, s.pending = s.pending, []
-                if not self._send(s, s.sender, self._response(s, ids), 0) and s.req is not None:
-                    self.engine.cancel(s.req)
+        elif s.streaming and ids:
+            t0 = time.perf_counter()
+            text = self._text(ids)
+            self.profile.add(detok_s=time.perf_counter() - t0)
+            if text is None:  # half a character: wait for the token that completes it
+                with self.lock:
+                    s.pending[:0] = ids
+                return
+            if not self._send(s, s.sender, self._response(s, ids, text), 0) and s.req is not None:
+                self.engine.cancel(s.req)
 
-    def _response(self, s: Stream, ids):
+    def _text(self, ids: list[int], final: bool = False) -> str | None:
+        """ids as text (as postprocessing decodes them); None where they end inside a character, unless final."""
+        if self.tokenizer is None:
+            return ""  # no text asked for (want_text needs the tokenizer)
+        text = self.tokenizer.decode(ids, skip_special_tokens=False)
+        if text.endswith(REPLACEMENT) and not final:
+            return None
+        if self.skip_special and not self.special.isdisjoint(ids):
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return text
+
+    def _response(self, s: Stream, ids, text: str | None = None):
         out = [pb_utils.Tensor("output_ids", np.asarray(ids, dtype=np.int32).reshape(1, 1, -1)),
                pb_utils.Tensor("sequence_length", np.array([[len(ids)]], dtype=np.int32))]
+        if s.want_text:
+            text = self._text(ids, final=True) if text is None else text
+            out.append(pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)))
         if s.want_in:
             out.append(pb_utils.Tensor("num_input_tokens", np.array([[len(s.prompt)]], dtype=np.int32)))
         if s.want_out:
@@ -275,6 +341,7 @@ class TritonPythonModel:
         return pb_utils.InferenceResponse(output_tensors=out)
 
     def _send(self, s, sender, response, flags) -> bool:
+        t0 = time.perf_counter()
         try:
             sender.send(response, flags=flags)
             return True
@@ -282,6 +349,8 @@ class TritonPythonModel:
             if s is not None:
                 self.logger.log_verbose(f"[trtqwen] request {s.request_id}: send failed ({e}); cancelling")
             return False
+        finally:
+            self.profile.add(send_s=time.perf_counter() - t0, sends=1)
 
     def _close(self, s: Stream, response):
         s.closed = True
@@ -293,6 +362,8 @@ class TritonPythonModel:
         with self.lock:
             active = list(self.streams.values())
         for s in active:
+            if s.closed:
+                continue  # its final response went out: Triton has released its response factory
             try:
                 gone = s.sender.is_cancelled()
             except Exception:  # noqa: BLE001
@@ -301,11 +372,12 @@ class TritonPythonModel:
                 self.engine.cancel(s.req)
 
     def _fail_all(self, message: str, restart: bool = True):
+        """End every open stream with this error (sent by the sender, so no stream gets two final responses)."""
         with self.lock:
-            active = list(self.streams.values())
-        for s in active:
-            if not s.closed:
-                self._close(s, pb_utils.InferenceResponse(error=pb_utils.TritonError(message)))
+            for s in self.streams.values():
+                s.error = s.error or message
+                self.outbox[s] = None
+        self.ready.set()
         self.dirty = []
         if not restart or self.broken:
             return
@@ -322,5 +394,9 @@ class TritonPythonModel:
         self.wake.set()
         self.thread.join(timeout=10)
         self._fail_all("the model is being unloaded", restart=False)
+        self.sending = False
+        self.ready.set()
+        self.sender_thread.join(timeout=10)
+        self.profile.write(time.perf_counter(), force=True)
         if hasattr(self.model, "close"):
             self.model.close()  # stop the TP rank processes (shutdown, then kill what lingers)

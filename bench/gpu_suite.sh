@@ -44,11 +44,11 @@ fi
 # of its packages, and with all of them its scipy/scikit-learn (built for numpy 2) break transformers under the
 # numpy<2 the pytriton stubs need. So: a venv without pip holding numpy 1.26 + the served wheels, whose .pth lists the
 # carried wheels first, then links to only the machine packages serving needs.
-SERVE_PACKAGES="torch torch-* triton triton-* nvidia nvidia_* cuda cuda_* sympy* mpmath* networkx* jinja2* markupsafe*
+SERVE_PACKAGES="torch* functorch triton* nvidia* cuda* sympy* mpmath* networkx* jinja2* markupsafe*
   MarkupSafe* filelock* fsspec* typer* rich* click* shellingham* markdown_it* mdurl* pygments* safetensors* yaml
   PyYAML* pyyaml* regex* requests* tqdm* packaging* psutil* grpc grpcio* google protobuf* urllib3* certifi* idna*
   charset_normalizer* matplotlib* contourpy* cycler* fonttools* kiwisolver* PIL pillow* pyparsing* dateutil
-  python_dateutil* six* mpl_toolkits"
+  python_dateutil* six* mpl_toolkits annotated_doc* annotated_types*"
 serving_venv() {
   local V=$1 site machine
   [ -x "$V/bin/python" ] && return

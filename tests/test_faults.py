@@ -102,3 +102,38 @@ def test_a_restarted_server_is_reached_at_once(own_server):
                 assert time.perf_counter() - t0 < 10, "the proxy did not reach the restarted server within 10 s"
                 time.sleep(0.2)
         assert TritonLLMClient(url).generate("Hello", GenerationParams(max_tokens=4)).text
+
+
+def test_supervisor_judges_stubs_by_pid_not_by_reading_their_command_line(monkeypatch):
+    """A stub whose /proc cmdline reads empty for a moment (seen under gVisor on the lent GPU machine, mid-request)
+    is not reloaded; one whose process has died is, once. A zombie counts as dead."""
+    import subprocess
+
+    from trtqwen.serve import supervisor
+
+    live = subprocess.Popen(["sleep", "30"])
+    dead = subprocess.Popen(["true"])
+    while dead.poll() is None:
+        time.sleep(0.01)
+    zombie = subprocess.Popen(["true"])
+    time.sleep(0.3)  # exited, never waited for: a zombie
+    assert supervisor.alive(live.pid) and not supervisor.alive(dead.pid) and not supervisor.alive(zombie.pid)
+
+    scans = iter([{"m": [live.pid]}, {}, {}, {}])  # the first scan sees the stub, later scans do not
+    monkeypatch.setattr(supervisor, "stubs", lambda repo: next(scans, {}))
+    monkeypatch.setattr(supervisor, "_get", lambda url: 200)
+    reloads = []
+    monkeypatch.setattr(supervisor, "reload", lambda base, model: reloads.append(model) or "reloaded")
+    monkeypatch.setattr(supervisor, "INTERVAL_S", 0.01)
+    rounds = iter(range(5))
+    monkeypatch.setattr(supervisor, "process_start", lambda pid: next(rounds, None))
+    supervisor.supervise(Path("/repo"), "http://x", 1, say=lambda msg: None)
+    assert reloads == []  # alive, whatever its cmdline read
+
+    live.kill()
+    live.wait()
+    rounds = iter(range(5))
+    scans = iter([{"m": [live.pid]}, {}])
+    supervisor.supervise(Path("/repo"), "http://x", 1, say=lambda msg: None)
+    assert reloads == ["m"]  # dead: reloaded once, then the fresh (here: no) stubs are watched
+    zombie.wait()

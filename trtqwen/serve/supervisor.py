@@ -2,14 +2,15 @@
 
 Triton's python backend answers every request to a dead stub with "Stub process is not healthy" while the server
 and the model still say they are ready, so nothing outside would notice. `server.start` runs this next to
-tritonserver; it counts each model's stub processes, and when one is missing asks Triton to load that model again
-(explicit model control), which starts fresh stubs.
+tritonserver; it notes each model's stub processes, and when one of them has died asks Triton to load that model
+again (explicit model control), which starts fresh stubs.
 
     python -m trtqwen.serve.supervisor <repo> <http base url> <tritonserver pid>
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import urllib.error
@@ -55,16 +56,32 @@ def reload(base: str, model: str) -> str:
         return f"reload failed: {e}"
 
 
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie. Judged by its pid, never by reading its command line: under gVisor
+    (the lent GPU machines) /proc/<pid>/cmdline of a busy stub can read empty, and a model was reloaded mid-request."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
 def supervise(repo: Path, base: str, server_pid: int, say=print) -> None:
-    expected = {model: len(pids) for model, pids in stubs(repo).items()}  # every model is ready by now
-    say(f"watching {expected} under {repo}")
+    known = dict(stubs(repo))  # model → its stubs' pids; every model is ready by now
+    say(f"watching { {m: len(p) for m, p in known.items()} } under {repo}")
     while process_start(server_pid) is not None:
-        now = stubs(repo)
-        for model, n in expected.items():
+        for model, pids in known.items():
+            gone = [p for p in pids if not alive(p)]
             # not live: the server is shutting down, its stubs with it
-            if len(now.get(model, [])) < n and _get(f"{base}/v2/health/live") == 200:
-                say(f"{model}: {n - len(now.get(model, []))} of {n} stub(s) gone; loading it again")
+            if gone and _get(f"{base}/v2/health/live") == 200:
+                say(f"{model}: {len(gone)} of {len(pids)} stub(s) gone; loading it again")
                 say(f"{model}: {reload(base, model)}")
+                known[model] = stubs(repo).get(model, [])  # the fresh stubs
         time.sleep(INTERVAL_S)
 
 

@@ -128,12 +128,18 @@ def uses_triton(x: torch.Tensor) -> bool:
 
 
 @torch.library.custom_op("trtqwen::w4a16_mm", mutates_args=())
-def w4a16_mm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
-    """x [M, K] · dequant(packed, scales)ᵀ → [M, N] in x's dtype."""
+def w4a16_mm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_size: int,
+             tinygemm: torch.Tensor | None = None, scales_zeros: torch.Tensor | None = None,
+             tinygemm_max_m: int = 0) -> torch.Tensor:
+    """x [M, K] · dequant(packed, scales)ᵀ → [M, N] in x's dtype; M ≤ tinygemm_max_m on tinygemm's copy if given.
+
+    The choice by M is made here, inside the opaque op, so torch.compile keeps one graph for every batch size."""
     x = x if x.stride(-1) == 1 else x.contiguous()
+    if tinygemm is not None and x.shape[0] <= tinygemm_max_m:
+        return torch._weight_int4pack_mm(x, tinygemm, group_size, scales_zeros)
     return (triton_mm if uses_triton(x) else torch_mm)(x, packed, scales, group_size)
 
 
 @w4a16_mm.register_fake
-def _(x, packed, scales, group_size):
+def _(x, packed, scales, group_size, tinygemm=None, scales_zeros=None, tinygemm_max_m=0):
     return x.new_empty(x.shape[0], packed.shape[1])

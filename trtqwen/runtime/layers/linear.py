@@ -61,10 +61,13 @@ class Int4Linear(torch.nn.Module):
         self.tinygemm_max_m = int(os.environ.get("TRTQWEN_INT4_TINYGEMM_MAX_M", TINYGEMM_MAX_M)) if q.is_cuda else 0
         if self.in_features % 128 or self.out_features % 8:  # tinygemm's tiles
             self.tinygemm_max_m = 0
+        tinygemm = scales_zeros = None
         if self.tinygemm_max_m:
             u = (q.to(torch.int32) + 8)
-            self.register_buffer("tinygemm", torch._convert_weight_to_int4pack((u[:, ::2] << 4 | u[:, 1::2]).to(torch.uint8), 8))
-            self.register_buffer("scales_zeros", torch.stack([self.scales, torch.zeros_like(self.scales)], -1).contiguous())
+            tinygemm = torch._convert_weight_to_int4pack((u[:, ::2] << 4 | u[:, 1::2]).to(torch.uint8), 8)
+            scales_zeros = torch.stack([self.scales, torch.zeros_like(self.scales)], -1).contiguous()
+        self.register_buffer("tinygemm", tinygemm)
+        self.register_buffer("scales_zeros", scales_zeros)
         self.register_buffer("bias", None if bias is None else bias.to(dtype))
         self.register_buffer("pre_quant_scale", None if pre_quant_scale is None else pre_quant_scale.to(dtype))
 
@@ -85,10 +88,8 @@ class Int4Linear(torch.nn.Module):
         if self.pre_quant_scale is not None:
             x = x * self.pre_quant_scale
         flat = x.reshape(-1, self.in_features)
-        if flat.shape[0] <= self.tinygemm_max_m:
-            y = torch._weight_int4pack_mm(flat, self.tinygemm, self.group_size, self.scales_zeros)
-        else:
-            y = int4_triton.w4a16_mm(flat, self.packed, self.scales, self.group_size)
+        y = int4_triton.w4a16_mm(flat, self.packed, self.scales, self.group_size, self.tinygemm, self.scales_zeros,
+                                 self.tinygemm_max_m)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 

@@ -12,6 +12,7 @@ A request whose client has gone is cancelled at the next step; a bad request get
 the model keeps serving.
 """
 
+import os
 import sys
 import threading
 import time
@@ -126,8 +127,9 @@ class TritonPythonModel:
         return max(1, min(self.max_batch_size, int(free * fraction // per_slot)))
 
     def _new_engine(self):
+        overlap = os.environ.get("TRTQWEN_OVERLAP")  # unset: the engine's default (on for a GPU)
         return self.LLMEngine(self.model, max_slots=self.slots, max_seq_len=self.max_seq_len,
-                              prefill_chunk=self.max_num_tokens)
+                              prefill_chunk=self.max_num_tokens, overlap=None if overlap is None else as_bool(overlap))
 
     # --- execute: validate, enqueue, return --------------------------------------------------------------------
     def execute(self, requests):

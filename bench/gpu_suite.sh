@@ -68,16 +68,7 @@ if has served; then
   export TRTQWEN_TRITONSERVER="$WORK/tritonserver"
   TRT="$WORK/venv-serve/bin/python -m trtqwen.cli"
   for p in $PRECISIONS; do
-    prof="$WORK/profile-$p"; rm -rf "$prof"; mkdir -p "$prof"
-    $TRT serve "$WORK/repo-$p" --stop >/dev/null 2>&1 || true
-    TRTQWEN_PROFILE_DIR=$prof $TRT serve "$WORK/repo-$p" --background --timeout 600 --log "$RESULTS/server-$p.log"
-    for c in ${LEVELS:-1 8 32 64}; do  # one level per run, the server's counters read after each (breakdown)
-      $TRT bench --model ensemble --concurrency "$c" --input-len 128 --output-len 128 --duration "${DURATION:-15}" \
-        --tokenizer "$WORK/build-$p/tokenizer" --out "$RESULTS/served-$p/c$c" | tail -2
-      sleep 0.5
-      cp "$prof"/*.json "$RESULTS/served-$p/c$c/"
-    done
-    $TRT serve "$WORK/repo-$p" --stop
+    TRT="$TRT" bash bench/served_levels.sh "$WORK/repo-$p" "$WORK/build-$p/tokenizer" "$RESULTS/served-$p"
   done
 fi
 python3 bench/gpu_table.py "$RESULTS"

@@ -168,8 +168,8 @@ ENSEMBLE_TRTLLM_INPUTS = {
     "beam_width": "beam_width", "streaming": "stream", "stop_words_list": "_STOP_WORDS_IDS",
     "bad_words_list": "_BAD_WORDS_IDS",
 }
-ENSEMBLE_TRTLLM_OUTPUTS = {"output_ids": "_TOKENS_BATCH", "sequence_length": "_SEQUENCE_LENGTH",
-                           **{t.name: t.name for t in PASSTHROUGH_OUTPUTS}}
-ENSEMBLE_TORCH_TRTLLM_OUTPUTS = {"text_output": "text_output", **{t.name: t.name for t in PASSTHROUGH_OUTPUTS}}
+_PASSTHROUGH = {t.name: t.name for t in PASSTHROUGH_OUTPUTS}
+ENSEMBLE_TRTLLM_OUTPUTS = {"output_ids": "_TOKENS_BATCH", "sequence_length": "_SEQUENCE_LENGTH", **_PASSTHROUGH}
+ENSEMBLE_TORCH_TRTLLM_OUTPUTS = {"text_output": "text_output", **_PASSTHROUGH}
 ENSEMBLE_POSTPROCESSING_INPUTS = {"TOKENS_BATCH": "_TOKENS_BATCH", "SEQUENCE_LENGTH": "_SEQUENCE_LENGTH"}
 ENSEMBLE_POSTPROCESSING_OUTPUTS = {"OUTPUT": "text_output"}

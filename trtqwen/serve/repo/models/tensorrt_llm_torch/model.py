@@ -4,8 +4,8 @@ In-flight batching: `execute` validates each request, adds it to one shared LLME
 Two threads do the rest: the stepping thread only steps the engine (the GPU never waits for a response to go
 out), and the sending thread answers through each request's response sender. Streaming sends what a stream has
 gained since its last response: one token per response while sending keeps up, several once it does not
-(32 streams at GPU speed), so the number of responses — each an IPC round trip through Triton and a hop through
-postprocessing — stays what the server can carry. Every response decodes to whole characters (a CJK character
+(32 streams at GPU speed), so the number of responses — each an IPC round trip through Triton — stays what the
+server can carry. Every response decodes to whole characters (a CJK character
 split over two tokens goes out in one response), and carries its text (`text_output`, what the ensemble returns:
 decoded here once, so the ensemble needs no postprocessing hop) besides the ids.
 A request whose client has gone is cancelled at the next step; a bad request gets an error response and

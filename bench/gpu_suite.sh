@@ -47,7 +47,7 @@ fi
 SERVE_PACKAGES="torch* functorch triton* nvidia* cuda* sympy* mpmath* networkx* jinja2* markupsafe*
   MarkupSafe* filelock* fsspec* typer* rich* click* shellingham* markdown_it* mdurl* pygments* safetensors* yaml
   PyYAML* pyyaml* regex* requests* tqdm* packaging* psutil* grpc grpcio* google protobuf* urllib3* certifi* idna*
-  charset_normalizer* matplotlib* contourpy* cycler* fonttools* kiwisolver* PIL pillow* pyparsing* dateutil
+  charset_normalizer* matplotlib* contourpy* cycler* fonttools* fontTools kiwisolver* PIL pillow* pyparsing* dateutil
   python_dateutil* six* mpl_toolkits annotated_doc* annotated_types*"
 serving_venv() {
   local V=$1 site machine

@@ -12,8 +12,9 @@ rm -rf "$prof" && mkdir -p "$prof"
 $TRT serve "$repo" --stop >/dev/null 2>&1 || true
 TRTQWEN_PROFILE_DIR=$prof $TRT serve "$repo" --background --timeout 600 --log "$out/server.log"
 for c in ${LEVELS:-1 8 32 64}; do
+  # a failed plot (bench.png, written last) does not lose the level: bench.json is what the tables read
   $TRT bench --model ensemble --concurrency "$c" --input-len "${INPUT_LEN:-128}" --output-len "${OUTPUT_LEN:-128}" \
-    --duration "${DURATION:-15}" --tokenizer "$tok" --out "$out/c$c" | tail -2
+    --duration "${DURATION:-15}" --tokenizer "$tok" --out "$out/c$c" 2>&1 | tail -2 || [ -f "$out/c$c/bench.json" ]
   sleep 0.5  # the sender rewrites its counters every 0.25 s
   cp "$prof"/*.json "$out/c$c/"
 done

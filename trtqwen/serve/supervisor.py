@@ -71,15 +71,36 @@ def alive(pid: int) -> bool:
         return True
 
 
+def describe(pid: int) -> str:
+    """pid, parent, state and command line as /proc shows them now (for the log)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        state, ppid = fields[0], fields[1]
+    except (OSError, IndexError):
+        state = ppid = "?"
+    try:
+        cmd = b" ".join((Path(f"/proc/{pid}") / "cmdline").read_bytes().split(b"\0")[:3]).decode(errors="replace")
+    except OSError as e:
+        cmd = f"({e.__class__.__name__})"
+    return f"pid {pid} ppid {ppid} state {state} cmd {cmd[:200]!r}"
+
+
 def supervise(repo: Path, base: str, server_pid: int, say=print) -> None:
     known = dict(stubs(repo))  # model → its stubs' pids; every model is ready by now
     say(f"watching { {m: len(p) for m, p in known.items()} } under {repo}")
+    for model, pids in known.items():
+        for p in pids:
+            say(f"  {model}: {describe(p)}")
     while process_start(server_pid) is not None:
         for model, pids in known.items():
             gone = [p for p in pids if not alive(p)]
             # not live: the server is shutting down, its stubs with it
             if gone and _get(f"{base}/v2/health/live") == 200:
                 say(f"{model}: {len(gone)} of {len(pids)} stub(s) gone; loading it again")
+                for p in gone:
+                    say(f"  gone: {describe(p)}")
+                for p in stubs(repo).get(model, []):
+                    say(f"  stubs now: {describe(p)}")
                 say(f"{model}: {reload(base, model)}")
                 known[model] = stubs(repo).get(model, [])  # the fresh stubs
         time.sleep(INTERVAL_S)

@@ -12,6 +12,7 @@ A request whose client has gone is cancelled at the next step; a bad request get
 the model keeps serving.
 """
 
+import faulthandler
 import os
 import sys
 import threading
@@ -42,10 +43,13 @@ def _value(request, name, default=None):
 class Stream:
     """One client request in flight."""
 
-    def __init__(self, sender, request_id, prompt, streaming, exclude_input, want_in, want_out, want_text):
+    def __init__(self, sender, request_id, prompt, streaming, exclude_input, want_in, want_out, requested):
         self.sender, self.request_id, self.prompt = sender, request_id, prompt
         self.streaming, self.exclude_input = streaming, exclude_input
-        self.want_in, self.want_out, self.want_text = want_in, want_out, want_text
+        self.requested = requested  # the output names the request asked for: every response carries only these
+        self.want_text = "text_output" in requested
+        self.want_in = want_in and "num_input_tokens" in requested
+        self.want_out = want_out and "num_output_tokens" in requested
         self.new: list[int] = []  # tokens of the current step (stepping thread only)
         self.output: list[int] = []  # every token so far (stepping thread only)
         self.pending: list[int] = []  # tokens not sent yet, moved from `new` under the model's lock
@@ -58,6 +62,8 @@ class Stream:
 
 class TritonPythonModel:
     def initialize(self, args):
+        if not faulthandler.is_enabled():  # a crash of the stub (a signal) leaves its threads' stacks in the server log
+            faulthandler.enable()
         cfg = model_config(args)
         self.logger = pb_utils.Logger
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(cfg)
@@ -209,14 +215,14 @@ class TritonPythonModel:
             pad_id=int(_value(request, "pad_id", self.pad_id)),
             stop_words=parse_word_list(self._array(request, "stop_words_list")),
         )
-        want_text = "text_output" in request.requested_output_names()
-        if want_text and self.tokenizer is None:
+        requested = frozenset(request.requested_output_names())
+        if "text_output" in requested and self.tokenizer is None:
             raise BadRequest("text_output needs the tokenizer: package the repository with its tokenizer_dir")
         request_id = request.request_id() or uuid.uuid4().hex
         stream = Stream(sender, request_id, prompt, streaming,
                         as_bool(_value(request, "exclude_input_in_output"), self.exclude_input_default),
                         as_bool(_value(request, "return_num_input_tokens"), False),
-                        as_bool(_value(request, "return_num_output_tokens"), False), want_text)
+                        as_bool(_value(request, "return_num_output_tokens"), False), requested)
 
         def on_token(req, token, reason, stream=stream):  # called in the stepping thread
             if token is not None:
@@ -330,8 +336,15 @@ class TritonPythonModel:
         return text
 
     def _response(self, s: Stream, ids, text: str | None = None):
-        out = [pb_utils.Tensor("output_ids", np.asarray(ids, dtype=np.int32).reshape(1, 1, -1)),
-               pb_utils.Tensor("sequence_length", np.array([[len(ids)]], dtype=np.int32))]
+        """Only the outputs the request asked for. Triton 2.51's ResponseSender.send drops the others itself with
+        the GIL released, so a numpy array freed there races the stepping thread's Python: on the GPU (the stepper
+        holds the GIL most of the time) the stub segfaulted at its first streamed response (python_backend fixed
+        that in r25.01, #390: it frees them under the GIL)."""
+        out = []
+        if "output_ids" in s.requested:
+            out.append(pb_utils.Tensor("output_ids", np.asarray(ids, dtype=np.int32).reshape(1, 1, -1)))
+        if "sequence_length" in s.requested:
+            out.append(pb_utils.Tensor("sequence_length", np.array([[len(ids)]], dtype=np.int32)))
         if s.want_text:
             text = self._text(ids, final=True) if text is None else text
             out.append(pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)))

@@ -128,10 +128,13 @@ def build(
                                                      help="cap calibration's GPU memory (e.g. 24 reproduces a 4090D on a larger GPU)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="output directory (default engines/<name>-<precision>-tp<N>)"),
     until: str = typer.Option("engine", help="stop after: fetch, checkpoint or engine"),
-    fmt: str = typer.Option("trtllm", "--format", help="checkpoint format: trtllm, hf (ModelOpt unified, for llmapi) or both"),
+    target: str = typer.Option("engine", help="engine: TensorRT-LLM 1.2.1 engine (frozen; TP-sharded checkpoint → "
+                                              "trtllm-build); pytorch: TensorRT-LLM's PyTorch backend (unified HF "
+                                              "checkpoint, no engine: llmapi, trtllm-serve); both"),
     force: bool = typer.Option(False, help="redo stages even if their inputs are unchanged"),
 ):
-    """HF checkpoint → quantized TensorRT-LLM checkpoint (TP shards) → engines, recorded in build.json."""
+    """HF checkpoint → quantized checkpoint (TensorRT-LLM TP shards, or ModelOpt's unified HF for the PyTorch
+    backend) → engines (engine target), recorded in build.json."""
     from trtqwen.build.pipeline import run_build
     from trtqwen.build.spec import BuildSpec
 
@@ -140,7 +143,8 @@ def build(
                      max_num_tokens=max_num_tokens, calib_data=str(calib_data) if calib_data else None,
                      calib_size=calib_size)
     try:
-        run_build(spec, out=out, until=until, fmt=fmt, force=force, calib_gpu_memory=calib_gpu_memory, console=console)
+        run_build(spec, out=out, until=until, target=target, force=force, calib_gpu_memory=calib_gpu_memory,
+                  console=console)
     except KeyboardInterrupt:  # stages write to a temporary place and rename: an interrupted one leaves nothing
         err.print("[yellow]interrupted:[/] the stage in progress was discarded (finished stages are kept); "
                   "rerun the same command to continue")
@@ -312,7 +316,7 @@ def openai(
 
 @command
 def verify(
-    checkpoint: Path = typer.Argument(..., help="a TensorRT-LLM checkpoint directory (e.g. engines/<build>/checkpoint)"),
+    checkpoint: Path = typer.Argument(..., help="a checkpoint directory: engines/<build>/checkpoint (TensorRT-LLM) or hf_checkpoint (PyTorch backend)"),
     against: Optional[Path] = typer.Option(None, help="HF model dir to compare with (default: the build's source)"),
     prompts: Optional[Path] = typer.Option(None, help="prompts file: one per line, or .jsonl with 'text' (default: built-in mix)"),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda if available)"),
@@ -320,7 +324,7 @@ def verify(
                                                 "reads the prompts at perplexity > 1000)"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ):
-    """Compare a TensorRT-LLM checkpoint with its HF source: logits cosine, max error, top-1 agreement, perplexity."""
+    """Compare a checkpoint with its HF source: logits cosine, max error, top-1 agreement, perplexity."""
     from trtqwen.build.verify import verify as run_verify
 
     report = run_verify(checkpoint, against, prompts, device, thresholds)

@@ -49,10 +49,12 @@ class PrecisionInfo:
         return self.weight_bits < 16 and not self.calibrated
 
 
-NO_SQ = ("its linear layers have no INT8 SmoothQuant (W8A8) method, and ModelOpt's HF export of it is read by "
-         "nothing in TensorRT-LLM")
-NO_WO = ("ModelOpt's unified HF checkpoint has no weight-only INT8/INT4 format (trtllm-build quantizes those when it "
-         "builds the engine)")
+# TensorRT-LLM 1.2.1 (tests/data/trtllm_serve_1.2.1.json): _torch/modules/linear.py has no W8A8 method, and its
+# quantization table lists SmoothQuant for the engine flow only.
+NO_SQ = ("its linear layers have no INT8 SmoothQuant (W8A8) method (TensorRT-LLM 1.2.1: 'unsupported quant mode'); "
+         "SmoothQuant exists only on the engine path")
+NO_WO = ("trtqwen's weight-only recipes are quantized by trtllm-build while it builds the engine (their checkpoint "
+         "holds 16-bit weights), so the PyTorch backend would get nothing but bf16")
 
 PRECISIONS: dict[Precision, PrecisionInfo] = {
     # bf16 / fp16: only the rounding of the export dtype (measured exact)

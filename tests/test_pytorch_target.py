@@ -4,9 +4,11 @@ TP rank at load, verified and served like the TensorRT-LLM checkpoint; precision
 
 import json
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from trtqwen.build.pipeline import run_build
 from trtqwen.build.spec import BuildSpec
@@ -149,3 +151,66 @@ def test_served_hf_checkpoint_answers_as_the_tensorrt_llm_path(both, tmp_path, p
             engine = LLMEngine(model, max_slots=2, max_seq_len=256)
             out = engine.generate([tok(p)["input_ids"] for p in prompts], SamplingParams(max_tokens=10, top_k=1))
         assert [tok.decode(r.output, skip_special_tokens=True) for r in out] == served
+
+
+# --- launching TensorRT-LLM's PyTorch backend: contract-checked against its 1.2.1 sources (tests/data) ----------------
+SERVE_FACTS = json.loads((Path(__file__).parent / "data" / "trtllm_serve_1.2.1.json").read_text())
+LLMAPI_FACTS = json.loads((Path(__file__).parent / "data" / "trtllm_llmapi_1.2.1.json").read_text())
+
+
+def test_trtllm_serve_script_uses_only_flags_trtllm_serve_has(tiny_dir, tmp_path):
+    import subprocess
+
+    from tests.test_repo_config import KV_CACHE_CONFIG_FIELDS, LLM_ARGS
+
+    r = run_build(BuildSpec.request(str(tiny_dir), precision="bf16", tp=2), out=tmp_path / "b", target="pytorch")
+    flags = {name for key in SERVE_FACTS["trtllm_serve_options"] for name in key.split(" / ") if name.startswith("--")}
+    script = (tmp_path / "b" / "trtllm-serve.sh").read_text()
+    subprocess.run(["bash", "-n", str(tmp_path / "b" / "trtllm-serve.sh")], check=True)
+    for line in (l for l in script.splitlines() if "trtllm-serve " in l and "exec" in l):
+        words = line.split("trtllm-serve ", 1)[1].split()
+        assert words[0].endswith("hf_checkpoint")  # the positional MODEL: the unified HF checkpoint
+        used = {w for w in words if w.startswith("--")}
+        assert used <= flags, used - flags
+        assert words[words.index("--tp_size") + 1] == "2" and words[words.index("--backend") + 1] == "pytorch"
+        fraction = r.manifest["plan"]["kv_cache_free_gpu_mem_fraction"]
+        assert float(words[words.index("--kv_cache_free_gpu_memory_fraction") + 1]) == fraction
+    assert "--host 127.0.0.1" in script  # 0.0.0.0 only inside the container, published on 127.0.0.1
+    opts = yaml.safe_load((tmp_path / "b" / "trtllm_serve.yaml").read_text())
+    assert set(opts) <= LLM_ARGS | {"enable_chunked_prefill"} and set(opts["kv_cache_config"]) <= KV_CACHE_CONFIG_FIELDS
+    assert opts["enable_chunked_prefill"] and opts["kv_cache_config"]["enable_block_reuse"]
+
+
+def test_serve_engine_trtllm_serve_shows_the_script_or_refuses(tiny_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from trtqwen.cli import app
+
+    run_build(BuildSpec.request(str(tiny_dir), precision="bf16"), out=tmp_path / "b", target="pytorch")
+    shown = CliRunner().invoke(app, ["serve", str(tmp_path / "b"), "--engine", "trtllm-serve", "--print-command"])
+    assert shown.exit_code == 0 and "exec trtllm-serve hf_checkpoint" in shown.output
+    run_build(BuildSpec.request(str(tiny_dir), precision="bf16"), out=tmp_path / "e", until="checkpoint")
+    refused = CliRunner().invoke(app, ["serve", str(tmp_path / "e"), "--engine", "trtllm-serve"])
+    assert refused.exit_code == 2 and "--target pytorch" in refused.output
+
+
+def test_llmapi_repository_is_launched_under_trtllm_llmapi_launch_and_refused_without_it(both, tmp_path):
+    from trtqwen.serve import server
+    from trtqwen.serve.repo import generate_repo, read_record
+
+    repo = generate_repo(both("int4_awq"), tmp_path / "repo", runtime="llmapi", serving={})
+    yml = yaml.safe_load((repo / "tensorrt_llm" / "1" / "model.yaml").read_text())
+    assert set(LLMAPI_FACTS["model_yaml_keys"]) <= set(yml)
+    assert set(yml["triton_config"]) == set(LLMAPI_FACTS["triton_config_keys"])
+    assert yml["model"].endswith("hf_checkpoint")  # the quantized export, never the source model
+    plan = read_record(repo)["serve"]
+    install = server.TritonInstall("system", Path("/opt/tritonserver"))
+    cmd = server.server_command(install, repo, "127.0.0.1", 1, 2, 3, plan["world_size"], plan["launcher"])
+    # launch_triton_server.py --trtllm_llmapi_launch: mpirun -n 1 trtllm-llmapi-launch tritonserver (LLMAPI_FACTS)
+    assert cmd[:6] == ["mpirun", "--allow-run-as-root", "-n", "1", "trtllm-llmapi-launch", "/opt/tritonserver/bin/tritonserver"]
+    assert "trtllm-llmapi-launch" in LLMAPI_FACTS["launch"]["command_with_llmapi_launch"]
+    with pytest.raises(UserError, match="trtllm-llmapi-launch.*tensorrt_llm") as e:
+        server.serve_repo(repo, "127.0.0.1", 1, 2, 3, None, 5)
+    assert "--print-command" in e.value.hint and not (repo / server.STATE_FILE).exists()
+    shown = server.describe_commands(repo, "127.0.0.1", 8000, 8001, 8002)
+    assert any("docker run" in line and "trtllm-llmapi-launch /opt/tritonserver/bin/tritonserver" in line for line in shown)

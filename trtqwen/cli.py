@@ -187,9 +187,17 @@ def serve(
     print_command: bool = typer.Option(False, "--print-command", help="show the exact command (and the container one) and exit"),
     timeout: float = typer.Option(300, help="seconds to wait for the server and every model to be ready"),
     openai_port: Optional[int] = typer.Option(None, help="also serve an OpenAI-compatible API on this port (foreground)"),
+    engine: str = typer.Option("tritonserver", help="tritonserver (a model repository), or trtllm-serve (TensorRT-LLM's "
+                                                    "OpenAI server on a --target pytorch build directory; GPU box)"),
 ):
     """Run tritonserver on a model repository (one MPI rank per GPU for TP) and wait until it is ready."""
     from trtqwen.serve import server
+
+    if engine == "trtllm-serve":
+        server.run_trtllm_serve(model_repo, print_command)
+        return
+    if engine != "tritonserver":
+        raise UserError(f"unknown --engine {engine!r}", "use tritonserver or trtllm-serve")
 
     if stop:
         state = server.stop(model_repo)

@@ -191,6 +191,12 @@ def run_stages(hub, spec: BuildSpec, plan: Plan, out, until, target, force, t0, 
     manifest["tokenizer_dir"] = "tokenizer"
     manifest["stages"]["checkpoint"] = checkpoint_stage(spec, source, out, target, force, old, console, calib_gpu_memory)
     write_json_atomic(out / MANIFEST, manifest)
+    if target != "engine":
+        from trtqwen.build.trtllm_serve import write_serve_files
+
+        write_serve_files(out, spec, plan.kv_cache_free_gpu_mem_fraction)
+        console.print(f"[bold]trtllm-serve[/] on the GPU box: [bold]{out / 'trtllm-serve.sh'}[/] "
+                      f"(or `trtqwen serve {out} --engine trtllm-serve`)")
     if until == "checkpoint" or target == "pytorch":  # the PyTorch backend builds no engine
         return finish(out, manifest, console)
 

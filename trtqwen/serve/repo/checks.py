@@ -144,4 +144,4 @@ def llmapi_model_dir(build_dir: Path, manifest: dict, spec: BuildSpec) -> Path:
         if (c / "config.json").is_file():
             return c
     raise UserError(f"{build_dir} has no unified HF checkpoint for the llmapi runtime ({spec.precision.value})",
-                    f"rebuild with `trtqwen build --target pytorch` (or --target both) and package that")
+                    "rebuild with `trtqwen build --target pytorch` (or --target both) and package that")

@@ -79,6 +79,7 @@ def plan(
     memory_gib: Optional[float] = typer.Option(None, help="custom GPU: memory in GiB"),
     bandwidth_gbs: Optional[float] = typer.Option(None, help="custom GPU: memory bandwidth in GB/s"),
     tflops: Optional[float] = typer.Option(None, help="custom GPU: dense FP16 tensor TFLOPS"),
+    target: str = typer.Option("both", help="engine (TensorRT-LLM 1.2.1), pytorch (its PyTorch backend) or both"),
     as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
 ):
     """Memory and speed model: does it fit, how many users, how fast — before you build anything."""
@@ -88,12 +89,16 @@ def plan(
     spec = BuildSpec(model=str(model) if model else "Qwen/Qwen2.5-7B-Instruct", precision=precision, tp=tp, gpu=gpu,
                      kv_cache_dtype=kv_cache_dtype, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                      max_input_len=min(max_seq_len, 2048), max_num_tokens=max_num_tokens)
-    p = planning.plan_from_options(model, gpu, spec, prompt_len, kv_fraction, memory_gib, bandwidth_gbs, tflops)
+    targets = planning.TARGETS if target == "both" else (target,)
+    plans = {t: planning.plan_from_options(model, gpu, spec, prompt_len, kv_fraction, memory_gib, bandwidth_gbs, tflops, t)
+             for t in targets}
     if as_json:
-        print(json.dumps(p.to_dict(), indent=2))
+        out = {t: p.to_dict() for t, p in plans.items()}
+        print(json.dumps(out if len(out) > 1 else out[targets[0]], indent=2))
     else:
-        console.print(planning.plan_table(p))
-    if not p.fits:
+        for p in plans.values():
+            console.print(planning.plan_table(p))
+    if not any(p.fits for p in plans.values()):
         raise typer.Exit(1)
 
 

@@ -50,7 +50,7 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def decide_spec(spec: BuildSpec, shape: ModelShape) -> tuple[BuildSpec, Plan]:
+def decide_spec(spec: BuildSpec, shape: ModelShape, target: str = "engine") -> tuple[BuildSpec, Plan]:
     """Fill what the user left out (None) from `plan` for the chosen GPU; refuse a spec the plan says cannot fit."""
     profile = get_profile(spec.gpu)
     seq = spec.max_seq_len or min(4096, shape.max_position_embeddings)
@@ -59,8 +59,8 @@ def decide_spec(spec: BuildSpec, shape: ModelShape) -> tuple[BuildSpec, Plan]:
                         calib_size=spec.calib_size or default_calib_size(spec.precision))
     if spec.max_batch_size is None:
         spec = spec.replace(max_batch_size=recommended_max_batch_size(make_plan(shape, profile, spec.replace(
-            max_batch_size=32), min(1024, seq))))
-    plan = make_plan(shape, profile, spec, min(1024, seq))
+            max_batch_size=32), min(1024, seq), target=target)))
+    plan = make_plan(shape, profile, spec, min(1024, seq), target=target)
     if not plan.fits:
         raise UserError(f"this build does not fit a {profile.name}: {'; '.join(plan.reasons)}",
                         f"see `trtqwen plan --precision {spec.precision.value} --tp {spec.tp} --gpu {profile.name}`; "
@@ -134,7 +134,7 @@ def run_build(spec: BuildSpec, *, out: Path | None = None, until: str = "engine"
     hub = hf.is_hub_id(spec.model)
     cfg_dir = hf.fetch(spec.model, patterns=["config.json"])[0] if hub else hf.fetch(spec.model)[0]
     shape = read_model_shape(cfg_dir)
-    spec, plan = decide_spec(spec, shape)
+    spec, plan = decide_spec(spec, shape, "pytorch" if target == "pytorch" else "engine")
     for warning in lossy_on_qwen25(spec):
         console.print(f"[yellow]warning:[/] {warning}")
     out = Path(out) if out else default_output_dir(spec)

@@ -8,6 +8,7 @@ Prints a JSON line per run.
 from __future__ import annotations
 
 import argparse
+import resource
 import json
 import subprocess
 import sys
@@ -36,7 +37,7 @@ def qwen7b(precisions: list[str], tokenizer_dir: str) -> None:
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-    from trtqwen.build.quantize import export_model
+    from trtqwen.build.quantize import quantize_model, write_checkpoint
     from trtqwen.build.spec import BuildSpec
 
     hf = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=152064, hidden_size=3584,
@@ -52,7 +53,9 @@ def qwen7b(precisions: list[str], tokenizer_dir: str) -> None:
         made = time.time() - t0
         spec = BuildSpec(model="qwen2.5-7b-random", precision=precision, tp=1)
         with tempfile.TemporaryDirectory(dir="/tmp") as d:
-            info = export_model(model, hf, tok, spec, Path(d) / "ck")
+            info = quantize_model(model, tok, spec)
+            info.update(write_checkpoint(model, hf, spec, Path(d) / "ck"))
+            info.update(peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
             size = sum(p.stat().st_size for p in (Path(d) / "ck").iterdir())
         print(json.dumps({"model": "Qwen2.5-7B-shaped (random bf16)", "gpu": torch.cuda.get_device_name(),
                           "precision": precision, "make_model_s": round(made, 1), "quantize_s": info["quantize_seconds"],

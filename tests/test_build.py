@@ -80,7 +80,8 @@ def test_interrupted_export_leaves_nothing_that_looks_finished(tiny_dir, tmp_pat
         (["--precision", "int3"], "unknown precision"),
         (["--tp", "3"], "--tp 1, 2 or 4"),
         (["--until", "serve"], "unknown stage"),
-        (["--format", "onnx"], "unknown checkpoint format"),
+        (["--target", "onnx"], "unknown target"),
+        (["--target", "pytorch", "--precision", "int8_sq"], "PyTorch backend"),
         (["--calib-data", "/nonexistent.jsonl"], "does not exist"),
         (["--max-seq-len", "100000"], "exceeds"),
         (["--precision", "fp8", "--gpu", "a100-80g"], "FP8"),
@@ -190,11 +191,11 @@ def test_plan_refusal_blocks_the_build(tmp_path):
     assert r.exit_code == 2 and "does not fit a rtx4090d" in r.output
 
 
-def test_format_both_writes_the_unified_hf_checkpoint_too(tiny_dir, tmp_path):
-    r = run("--model", tiny_dir, "--precision", "fp8", "--format", "both", "--until", "checkpoint", "--out", tmp_path / "b")
+def test_target_both_writes_the_unified_hf_checkpoint_too(tiny_dir, tmp_path):
+    r = run("--model", tiny_dir, "--precision", "fp8", "--target", "both", "--until", "checkpoint", "--out", tmp_path / "b")
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "b" / "build.json").read_text())
-    assert m["stages"]["checkpoint"]["hf_dir"] == "hf_checkpoint" and m["stages"]["checkpoint"]["format"] == "both"
+    assert m["stages"]["checkpoint"]["hf_dir"] == "hf_checkpoint" and m["target"] == "both"
     hf = tmp_path / "b" / "hf_checkpoint"
     assert json.loads((hf / "hf_quant_config.json").read_text())["quantization"]["quant_algo"] == "FP8"
     assert (hf / "model.safetensors").is_file() and (hf / "tokenizer.json").is_file()

@@ -33,11 +33,23 @@ def test_console_script_installed():
 
 
 def test_plan_json_matches_facts():
-    r = runner.invoke(app, ["plan", "--precision", "bf16", "--json"])
+    r = runner.invoke(app, ["plan", "--precision", "bf16", "--json", "--target", "engine"])
     assert r.exit_code == 0, r.output
     p = json.loads(r.output)
-    assert p["kv_bytes_per_token_per_gpu"] == 57344 and p["fits"]
+    assert p["kv_bytes_per_token_per_gpu"] == 57344 and p["fits"] and p["target"] == "engine"
     assert abs(p["decode_ceiling_tok_s"] - 71) < 71 * 0.03
+
+
+def test_plan_knows_both_targets_and_what_each_runs():
+    both = json.loads(runner.invoke(app, ["plan", "--precision", "int4", "--json"]).output)
+    engine, pytorch = both["engine"], both["pytorch"]
+    assert engine["fits"] and pytorch["fits"] and "--target pytorch" in pytorch["suggested_build"]
+    assert pytorch["overhead_bytes_per_gpu"] > engine["overhead_bytes_per_gpu"]  # torch's context, graph pools
+    assert pytorch["decode_estimate_tok_s"] < engine["decode_estimate_tok_s"]
+    sq = runner.invoke(app, ["plan", "--precision", "int8"])
+    assert sq.exit_code == 0 and "PyTorch backend" in sq.output and "SmoothQuant" in sq.output
+    only = runner.invoke(app, ["plan", "--precision", "int8", "--target", "pytorch"])
+    assert only.exit_code == 1 and "does not fit" in only.output and "SmoothQuant" in only.output
 
 
 def test_plan_table_has_a_verdict_and_build_command():

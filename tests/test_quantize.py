@@ -419,11 +419,12 @@ def test_missing_weights_or_tokenizer_are_user_errors(tmp_path, model_dir):
 
 def test_hf_format_export(model_dir, tmp_path):
     spec = BuildSpec(model=str(model_dir), precision="fp8", **CALIB)
-    info = quantize.export_hf_checkpoint_dir(model_dir, spec, tmp_path / "hf")
+    info = quantize.export_checkpoint(model_dir, spec, None, hf_out_dir=tmp_path / "hf")
     assert json.loads((tmp_path / "hf" / "hf_quant_config.json").read_text())["quantization"]["quant_algo"] == "FP8"
-    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(info["files"])
-    with pytest.raises(UserError, match="weight-only|--format trtllm"):
-        quantize.export_hf_checkpoint_dir(model_dir, BuildSpec(model="m", precision="int8_wo"), tmp_path / "wo")
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(info["hf_files"]) and "files" not in info
+    with pytest.raises(UserError, match="PyTorch backend"):
+        quantize.export_checkpoint(model_dir, BuildSpec(model="m", precision="int8_wo"), None, hf_out_dir=tmp_path / "wo")
+    assert not (tmp_path / "wo").exists()
 
 
 # ---------------------------------------------------------------- calibration texts

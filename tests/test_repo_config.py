@@ -361,11 +361,16 @@ def test_llmapi_model_code_is_copied_when_found(tmp_path):
     assert (repo / "tensorrt_llm" / "1" / "helpers.py").is_file() and not read_record(repo)["notes"]
 
 
-def test_llmapi_falls_back_to_the_source_model(tmp_path):
-    b = make_build(tmp_path / "b")
+@pytest.mark.parametrize("precision", ["bf16", "int4_awq"])
+def test_llmapi_falls_back_to_the_source_model_only_when_unquantized(tmp_path, precision):
+    b = make_build(tmp_path / "b", spec={"precision": precision})
     src = tmp_path / "b" / "nowhere"
     src.mkdir()
     (src / "config.json").write_text("{}")
+    if precision != "bf16":  # serving the source would serve other weights than the build's
+        with pytest.raises(UserError, match="--target pytorch"):
+            generate_repo(b, tmp_path / "repo", runtime="llmapi", serving={})
+        return
     repo = generate_repo(b, tmp_path / "repo", runtime="llmapi", serving={})
     assert yaml.safe_load((repo / "tensorrt_llm" / "1" / "model.yaml").read_text())["model"] == str(src.resolve())
 

@@ -1,6 +1,7 @@
-"""The one reader of a TensorRT-LLM checkpoint directory (config.json + rank{i}.safetensors): the format every
-part shares. The build writes it; the runtime, the engine stage, the repository checks, verify and the UI read it
-here, and a checkpoint whose shards cannot be what its config says is refused here, in the TP rule's words.
+"""The one reader of a checkpoint directory: a TensorRT-LLM checkpoint (config.json + rank{i}.safetensors, the
+engine target's) or a Hugging Face one, quantized by ModelOpt (hf_quant_config.json: the PyTorch backend's). The
+build writes them; the runtime, the engine stage, the repository checks, verify and the UI read them here, and a
+checkpoint that cannot be what its config says is refused here, in the TP rule's words.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ class Checkpoint:
     quant_algo: str | None
     kv_cache_quant_algo: str | None
     group_size: int
-    tp: int
+    tp: int  # TensorRT-LLM: its rank files; HF: 1 (the PyTorch backend and the runtime split it at load, any TP)
     dtype: str
+    kind: str = "trtllm"  # or "hf"
 
     @property
     def rank_files(self) -> list[Path]:
@@ -63,6 +65,37 @@ def read_shape(path: Path) -> tuple[ModelShape, Checkpoint | None]:
         ck = read_checkpoint(path)
         return ck.shape, ck
     return ModelShape.from_hf(read_config(path)), None
+
+
+def read_model_dir(path: Path) -> Checkpoint:
+    """Either kind of checkpoint (an unquantized HF model is one too: precision bf16 / fp16)."""
+    return read_checkpoint(path) if is_trtllm_checkpoint(path) else read_hf_checkpoint(path)
+
+
+def hf_quantization(path: Path, cfg: dict) -> dict:
+    """ModelOpt's record of how an HF checkpoint is quantized ({} when it is not): hf_quant_config.json's
+    `quantization`, or config.json's `quantization_config` (quant_method "modelopt") when only that was kept."""
+    f = Path(path) / "hf_quant_config.json"
+    if f.is_file():
+        return json.loads(f.read_text()).get("quantization") or {}
+    q = cfg.get("quantization_config") or {}
+    if q and q.get("quant_method") != "modelopt":
+        raise UserError(f"{path} is quantized by {q.get('quant_method')!r}, not ModelOpt",
+                        "trtqwen reads ModelOpt's unified HF checkpoints (`trtqwen build --target pytorch`)")
+    return {"quant_algo": q.get("quant_algo"), "kv_cache_quant_algo": q.get("kv_cache_quant_algo")} if q else {}
+
+
+def read_hf_checkpoint(path: Path) -> Checkpoint:
+    path = Path(path)
+    cfg = read_config(path)
+    shape = ModelShape.from_hf(cfg, name=path.parent.name if path.name == "hf_checkpoint" else path.name)
+    q = hf_quantization(path, cfg)
+    dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16").replace("torch.", "")
+    algo = q.get("quant_algo")
+    precision = Precision.FP16 if algo is None and dtype == "float16" else precision_of_algo(algo)
+    return Checkpoint(path=path, config=cfg, shape=shape, precision=precision, quant_algo=algo,
+                      kv_cache_quant_algo=q.get("kv_cache_quant_algo"), group_size=q.get("group_size") or 128, tp=1,
+                      dtype=dtype, kind="hf")
 
 
 def read_checkpoint(path: Path) -> Checkpoint:

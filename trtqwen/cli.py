@@ -79,6 +79,7 @@ def plan(
     memory_gib: Optional[float] = typer.Option(None, help="custom GPU: memory in GiB"),
     bandwidth_gbs: Optional[float] = typer.Option(None, help="custom GPU: memory bandwidth in GB/s"),
     tflops: Optional[float] = typer.Option(None, help="custom GPU: dense FP16 tensor TFLOPS"),
+    target: str = typer.Option("both", help="engine (TensorRT-LLM 1.2.1), pytorch (its PyTorch backend) or both"),
     as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
 ):
     """Memory and speed model: does it fit, how many users, how fast — before you build anything."""
@@ -88,12 +89,16 @@ def plan(
     spec = BuildSpec(model=str(model) if model else "Qwen/Qwen2.5-7B-Instruct", precision=precision, tp=tp, gpu=gpu,
                      kv_cache_dtype=kv_cache_dtype, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                      max_input_len=min(max_seq_len, 2048), max_num_tokens=max_num_tokens)
-    p = planning.plan_from_options(model, gpu, spec, prompt_len, kv_fraction, memory_gib, bandwidth_gbs, tflops)
+    targets = planning.TARGETS if target == "both" else (target,)
+    plans = {t: planning.plan_from_options(model, gpu, spec, prompt_len, kv_fraction, memory_gib, bandwidth_gbs, tflops, t)
+             for t in targets}
     if as_json:
-        print(json.dumps(p.to_dict(), indent=2))
+        out = {t: p.to_dict() for t, p in plans.items()}
+        print(json.dumps(out if len(out) > 1 else out[targets[0]], indent=2))
     else:
-        console.print(planning.plan_table(p))
-    if not p.fits:
+        for p in plans.values():
+            console.print(planning.plan_table(p))
+    if not any(p.fits for p in plans.values()):
         raise typer.Exit(1)
 
 
@@ -128,10 +133,13 @@ def build(
                                                      help="cap calibration's GPU memory (e.g. 24 reproduces a 4090D on a larger GPU)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="output directory (default engines/<name>-<precision>-tp<N>)"),
     until: str = typer.Option("engine", help="stop after: fetch, checkpoint or engine"),
-    fmt: str = typer.Option("trtllm", "--format", help="checkpoint format: trtllm, hf (ModelOpt unified, for llmapi) or both"),
+    target: str = typer.Option("engine", help="engine: TensorRT-LLM 1.2.1 engine (frozen; TP-sharded checkpoint → "
+                                              "trtllm-build); pytorch: TensorRT-LLM's PyTorch backend (unified HF "
+                                              "checkpoint, no engine: llmapi, trtllm-serve); both"),
     force: bool = typer.Option(False, help="redo stages even if their inputs are unchanged"),
 ):
-    """HF checkpoint → quantized TensorRT-LLM checkpoint (TP shards) → engines, recorded in build.json."""
+    """HF checkpoint → quantized checkpoint (TensorRT-LLM TP shards, or ModelOpt's unified HF for the PyTorch
+    backend) → engines (engine target), recorded in build.json."""
     from trtqwen.build.pipeline import run_build
     from trtqwen.build.spec import BuildSpec
 
@@ -140,7 +148,8 @@ def build(
                      max_num_tokens=max_num_tokens, calib_data=str(calib_data) if calib_data else None,
                      calib_size=calib_size)
     try:
-        run_build(spec, out=out, until=until, fmt=fmt, force=force, calib_gpu_memory=calib_gpu_memory, console=console)
+        run_build(spec, out=out, until=until, target=target, force=force, calib_gpu_memory=calib_gpu_memory,
+                  console=console)
     except KeyboardInterrupt:  # stages write to a temporary place and rename: an interrupted one leaves nothing
         err.print("[yellow]interrupted:[/] the stage in progress was discarded (finished stages are kept); "
                   "rerun the same command to continue")
@@ -183,9 +192,17 @@ def serve(
     print_command: bool = typer.Option(False, "--print-command", help="show the exact command (and the container one) and exit"),
     timeout: float = typer.Option(300, help="seconds to wait for the server and every model to be ready"),
     openai_port: Optional[int] = typer.Option(None, help="also serve an OpenAI-compatible API on this port (foreground)"),
+    engine: str = typer.Option("tritonserver", help="tritonserver (a model repository), or trtllm-serve (TensorRT-LLM's "
+                                                    "OpenAI server on a --target pytorch build directory; GPU box)"),
 ):
     """Run tritonserver on a model repository (one MPI rank per GPU for TP) and wait until it is ready."""
     from trtqwen.serve import server
+
+    if engine == "trtllm-serve":
+        server.run_trtllm_serve(model_repo, print_command)
+        return
+    if engine != "tritonserver":
+        raise UserError(f"unknown --engine {engine!r}", "use tritonserver or trtllm-serve")
 
     if stop:
         state = server.stop(model_repo)
@@ -312,7 +329,7 @@ def openai(
 
 @command
 def verify(
-    checkpoint: Path = typer.Argument(..., help="a TensorRT-LLM checkpoint directory (e.g. engines/<build>/checkpoint)"),
+    checkpoint: Path = typer.Argument(..., help="a checkpoint directory: engines/<build>/checkpoint (TensorRT-LLM) or hf_checkpoint (PyTorch backend)"),
     against: Optional[Path] = typer.Option(None, help="HF model dir to compare with (default: the build's source)"),
     prompts: Optional[Path] = typer.Option(None, help="prompts file: one per line, or .jsonl with 'text' (default: built-in mix)"),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda if available)"),
@@ -320,7 +337,7 @@ def verify(
                                                 "reads the prompts at perplexity > 1000)"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ):
-    """Compare a TensorRT-LLM checkpoint with its HF source: logits cosine, max error, top-1 agreement, perplexity."""
+    """Compare a checkpoint with its HF source: logits cosine, max error, top-1 agreement, perplexity."""
     from trtqwen.build.verify import verify as run_verify
 
     report = run_verify(checkpoint, against, prompts, device, thresholds)

@@ -40,7 +40,8 @@ class PrecisionInfo:
     random_weights: Thresholds  # verify: just below what honest exports of the random tiny models measure
     needs_fp8_hardware: bool = False
     group_size: int | None = None  # per-group scales (AWQ)
-    pytorch_backend: bool = True  # TensorRT-LLM's PyTorch backend loads its ModelOpt HF checkpoint (issue 18)
+    # why `--target pytorch` (ModelOpt's unified HF checkpoint for TensorRT-LLM's PyTorch backend) refuses it; None: it runs
+    not_on_pytorch_backend: str | None = None
 
     @property
     def weight_only(self) -> bool:
@@ -48,19 +49,28 @@ class PrecisionInfo:
         return self.weight_bits < 16 and not self.calibrated
 
 
+# TensorRT-LLM 1.2.1 (tests/data/trtllm_serve_1.2.1.json): _torch/modules/linear.py has no W8A8 method, and its
+# quantization table lists SmoothQuant for the engine flow only.
+NO_SQ = ("its linear layers have no INT8 SmoothQuant (W8A8) method (TensorRT-LLM 1.2.1: 'unsupported quant mode'); "
+         "SmoothQuant exists only on the engine path")
+NO_WO = ("trtqwen's weight-only recipes are quantized by trtllm-build while it builds the engine (their checkpoint "
+         "holds 16-bit weights), so the PyTorch backend would get nothing but bf16")
+
 PRECISIONS: dict[Precision, PrecisionInfo] = {
     # bf16 / fp16: only the rounding of the export dtype (measured exact)
     Precision.BF16: PrecisionInfo(16, None, False, (0.9999, 0.99, 1.01), (0.9999, 0.99, 1.01)),
     Precision.FP16: PrecisionInfo(16, None, False, (0.9999, 0.99, 1.01), (0.9999, 0.99, 1.01)),
     # per-token dynamic activation scales (TensorRT-LLM's plugin path; build/smoothquant.py); measured 0.9987 / 0.923 / 1.023
     Precision.INT8_SQ: PrecisionInfo(8, "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", True, (0.995, 0.90, 1.04),
-                                     (0.99, 0.70, 1.05), pytorch_backend=False),
+                                     (0.99, 0.70, 1.05), not_on_pytorch_backend=NO_SQ),
     # measured 0.9998 / 0.968 / 1.006
-    Precision.INT8_WO: PrecisionInfo(8, "W8A16", False, (0.999, 0.95, 1.02), (0.998, 0.85, 1.03), pytorch_backend=False),
+    Precision.INT8_WO: PrecisionInfo(8, "W8A16", False, (0.999, 0.95, 1.02), (0.998, 0.85, 1.03),
+                                     not_on_pytorch_backend=NO_WO),
     # 0.981-0.982 / 0.871-0.884 / 1.074-1.100 over 4-32 calibration samples
     Precision.INT4_AWQ: PrecisionInfo(4, "W4A16_AWQ", True, (0.97, 0.85, 1.12), (0.88, 0.15, 1.10), group_size=128),
     # per-channel INT4 measured 0.916 / 0.690 / 1.371 on trained weights: it fails, as it should
-    Precision.INT4_WO: PrecisionInfo(4, "W4A16", False, (0.95, 0.80, 1.15), (0.85, 0.15, 1.10), pytorch_backend=False),
+    Precision.INT4_WO: PrecisionInfo(4, "W4A16", False, (0.95, 0.80, 1.15), (0.85, 0.15, 1.10),
+                                     not_on_pytorch_backend=NO_WO),
     # 0.9981 / 0.929 / 0.985
     Precision.FP8: PrecisionInfo(8, "FP8", True, (0.995, 0.90, 1.05), (0.98, 0.55, 1.05), needs_fp8_hardware=True),
 }

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from trtqwen.clients.client import GenerationParams, Timing, TritonLLMClient, chatml, connect
 from trtqwen.build.spec import BuildSpec
-from trtqwen.checkpoint import read_checkpoint
+from trtqwen.checkpoint import read_model_dir
 from trtqwen.errors import UserError
 
 ERROR_MARK = "⚠"  # assistant turns starting with it are shown, never sent back to the model
@@ -159,13 +159,14 @@ class Backend:
         params = {k: v.get("string_value") for k, v in cfg.get("parameters", {}).items()}
         path = Path(params.get("gpt_model_path") or params.get("engine_dir") or "")
         out["runtime"] = "trtllm" if cfg.get("backend") == "tensorrtllm" else f"{cfg.get('backend')} backend"
-        out["model"] = (path.parent.name if path.name in ("checkpoint", "engine") else path.name) or "?"
+        out["model"] = (path.parent.name if path.name in ("checkpoint", "hf_checkpoint", "engine") else path.name) or "?"
         out["max_seq_len"] = params.get("max_seq_len")
         try:  # the checkpoint (through the one reader) or engine config, when the server's files are visible from here
             pc = json.loads((path / "config.json").read_text()).get("pretrained_config")  # trtllm-build's engine config
             if pc is None:
-                ck = read_checkpoint(path)
-                out.update(precision=precision_name(ck.quant_algo, ck.dtype), tp=ck.tp)
+                ck = read_model_dir(path)  # an HF checkpoint is split at load: the TP it is served at
+                out.update(precision=precision_name(ck.quant_algo, ck.dtype),
+                           tp=ck.tp if ck.kind == "trtllm" else int(params.get("tensor_parallel_size") or 1))
             else:
                 out["precision"] = precision_name((pc.get("quantization") or {}).get("quant_algo"), pc.get("dtype"))
                 out["tp"] = (pc.get("mapping") or {}).get("tp_size")

@@ -1,4 +1,8 @@
-"""`trtqwen build`: fetch → checkpoint (quantize + export, TP shards) → engine, recorded in build.json.
+"""`trtqwen build`: fetch → checkpoint (quantize + export) → engine, recorded in build.json.
+
+Two targets: `engine` (TensorRT-LLM 1.2.1, frozen: a TensorRT-LLM checkpoint in TP shards, then trtllm-build) and
+`pytorch` (TensorRT-LLM's PyTorch backend, the path after 1.2.1: ModelOpt's unified HF checkpoint, split at load,
+no engine); `both` writes the two checkpoints from one calibration.
 
 Each stage writes into a temporary directory inside the build dir and renames it when complete, then
 updates the manifest atomically; a stage whose inputs are unchanged is skipped, so an interrupted build
@@ -29,7 +33,9 @@ from trtqwen.shape import ModelShape
 from trtqwen.versions import tool_versions
 
 STAGES = ("fetch", "checkpoint", "engine")
-FORMATS = ("trtllm", "hf", "both")
+TARGETS = {"engine": "TensorRT-LLM 1.2.1 engine (frozen)", "pytorch": "TensorRT-LLM PyTorch backend (llmapi, trtllm-serve)",
+           "both": "both"}
+CHECKPOINT_DIRS = {"engine": ["checkpoint"], "pytorch": ["hf_checkpoint"], "both": ["checkpoint", "hf_checkpoint"]}
 
 
 @dataclass
@@ -44,7 +50,7 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def decide_spec(spec: BuildSpec, shape: ModelShape) -> tuple[BuildSpec, Plan]:
+def decide_spec(spec: BuildSpec, shape: ModelShape, target: str = "engine") -> tuple[BuildSpec, Plan]:
     """Fill what the user left out (None) from `plan` for the chosen GPU; refuse a spec the plan says cannot fit."""
     profile = get_profile(spec.gpu)
     seq = spec.max_seq_len or min(4096, shape.max_position_embeddings)
@@ -53,8 +59,8 @@ def decide_spec(spec: BuildSpec, shape: ModelShape) -> tuple[BuildSpec, Plan]:
                         calib_size=spec.calib_size or default_calib_size(spec.precision))
     if spec.max_batch_size is None:
         spec = spec.replace(max_batch_size=recommended_max_batch_size(make_plan(shape, profile, spec.replace(
-            max_batch_size=32), min(1024, seq))))
-    plan = make_plan(shape, profile, spec, min(1024, seq))
+            max_batch_size=32), min(1024, seq), target=target)))
+    plan = make_plan(shape, profile, spec, min(1024, seq), target=target)
     if not plan.fits:
         raise UserError(f"this build does not fit a {profile.name}: {'; '.join(plan.reasons)}",
                         f"see `trtqwen plan --precision {spec.precision.value} --tp {spec.tp} --gpu {profile.name}`; "
@@ -107,15 +113,19 @@ def lossy_on_qwen25(spec: BuildSpec) -> list[str]:
     return found
 
 
-def run_build(spec: BuildSpec, *, out: Path | None = None, until: str = "engine", fmt: str = "trtllm",
+def run_build(spec: BuildSpec, *, out: Path | None = None, until: str = "engine", target: str = "engine",
               force: bool = False, calib_gpu_memory: float | None = None, console: Console | None = None) -> BuildResult:
     """Every stage of a build, from what the user asked for (`BuildSpec.request`); calib_gpu_memory (GiB) caps
     calibration's GPU memory, as a smaller card would."""
     console = console or Console()
     if until not in STAGES:
         raise UserError(f"unknown stage {until!r} for --until", f"use one of {', '.join(STAGES)}")
-    if fmt not in FORMATS:
-        raise UserError(f"unknown checkpoint format {fmt!r}", f"use one of {', '.join(FORMATS)}")
+    if target not in TARGETS:
+        raise UserError(f"unknown target {target!r}", "use engine (TensorRT-LLM 1.2.1), pytorch (its PyTorch backend) or both")
+    if target != "engine":
+        from trtqwen.build.quantize import check_hf_format
+
+        check_hf_format(spec)
     if spec.calib_data is not None and not Path(spec.calib_data).is_file():
         raise UserError(f"calibration file {spec.calib_data} does not exist", "pass a .jsonl (with a 'text' field) or .txt file")
 
@@ -124,20 +134,21 @@ def run_build(spec: BuildSpec, *, out: Path | None = None, until: str = "engine"
     hub = hf.is_hub_id(spec.model)
     cfg_dir = hf.fetch(spec.model, patterns=["config.json"])[0] if hub else hf.fetch(spec.model)[0]
     shape = read_model_shape(cfg_dir)
-    spec, plan = decide_spec(spec, shape)
+    spec, plan = decide_spec(spec, shape, "pytorch" if target == "pytorch" else "engine")
     for warning in lossy_on_qwen25(spec):
         console.print(f"[yellow]warning:[/] {warning}")
     out = Path(out) if out else default_output_dir(spec)
     check_output_dir(out, force)
-    ckpt_bytes = weight_bytes(shape, spec.precision) * (2 if fmt == "both" else 1)
+    ckpt_bytes = weight_bytes(shape, spec.precision) * len(CHECKPOINT_DIRS[target])
     tokenizer_bytes = HUB_TOKENIZER_BYTES if hub else sum(
         f.stat().st_size for f in Path(cfg_dir).iterdir() if f.is_file() and f.suffix != ".safetensors")
-    check_disk(out, ckpt_bytes * (2 if until == "engine" else 1) * 1.1 + tokenizer_bytes
+    engine_too = until == "engine" and target != "pytorch"
+    check_disk(out, ckpt_bytes * (2 if engine_too else 1) * 1.1 + tokenizer_bytes
                + (weight_bytes(shape, Precision.BF16) if hub else 0))
     out.mkdir(parents=True, exist_ok=True)
     clean_temporaries(out)
     with disk_full_is_an_error(out):
-        return run_stages(hub, spec, plan, out, until, fmt, force, t0, console, calib_gpu_memory)
+        return run_stages(hub, spec, plan, out, until, target, force, t0, console, calib_gpu_memory)
 
 
 @contextlib.contextmanager
@@ -153,13 +164,14 @@ def disk_full_is_an_error(out: Path):
                         "free some space (or pass --out on a larger disk) and rerun: finished stages are reused") from None
 
 
-def run_stages(hub, spec: BuildSpec, plan: Plan, out, until, fmt, force, t0, console, calib_gpu_memory=None) -> BuildResult:
+def run_stages(hub, spec: BuildSpec, plan: Plan, out, until, target, force, t0, console, calib_gpu_memory=None) -> BuildResult:
     model = spec.model
     src_path, revision = hf.fetch(model)
     source = hf.validate(src_path, revision)
     old = read_manifest(out) or {}
     manifest = {
         "trtqwen": __version__,
+        "target": target,
         "spec": spec.to_dict(),
         "plan": {k: plan.to_dict()[k] for k in ("kv_cache_free_gpu_mem_fraction", "kv_tokens", "concurrent_sequences",
                                                  "weight_bytes_per_gpu", "predicted_peak_bytes_per_gpu",
@@ -177,9 +189,15 @@ def run_stages(hub, spec: BuildSpec, plan: Plan, out, until, fmt, force, t0, con
 
     copy_tokenizer(source.path, out)  # first: the checkpoint's rename into place is the stage's last act
     manifest["tokenizer_dir"] = "tokenizer"
-    manifest["stages"]["checkpoint"] = checkpoint_stage(spec, source, out, fmt, force, old, console, calib_gpu_memory)
+    manifest["stages"]["checkpoint"] = checkpoint_stage(spec, source, out, target, force, old, console, calib_gpu_memory)
     write_json_atomic(out / MANIFEST, manifest)
-    if until == "checkpoint":
+    if target != "engine":
+        from trtqwen.build.trtllm_serve import write_serve_files
+
+        write_serve_files(out, spec, plan.kv_cache_free_gpu_mem_fraction)
+        console.print(f"[bold]trtllm-serve[/] on the GPU box: [bold]{out / 'trtllm-serve.sh'}[/] "
+                      f"(or `trtqwen serve {out} --engine trtllm-serve`)")
+    if until == "checkpoint" or target == "pytorch":  # the PyTorch backend builds no engine
         return finish(out, manifest, console)
 
     manifest["stages"]["engine"] = engine_stage(spec, out, console)
@@ -207,29 +225,30 @@ def stage_progress(console: Console):
         yield say, step
 
 
-def checkpoint_stage(spec: BuildSpec, source: hf.HfCheckpoint, out: Path, fmt: str, force: bool, old: dict, console,
+def checkpoint_stage(spec: BuildSpec, source: hf.HfCheckpoint, out: Path, target: str, force: bool, old: dict, console,
                      calib_gpu_memory: float | None = None) -> dict:
-    key = stage_key(spec.to_dict(), source.fingerprints, fmt)
+    key = stage_key(spec.to_dict(), source.fingerprints, target)
     prev = old.get("stages", {}).get("checkpoint", {})
-    wanted = [d for f, d in (("trtllm", "checkpoint"), ("hf", "hf_checkpoint")) if fmt in (f, "both")]
+    wanted = CHECKPOINT_DIRS[target]
     if not force and prev.get("key") == key and all((out / d / "config.json").is_file() for d in wanted):
         console.print(f"[bold]checkpoint[/] unchanged inputs: reusing {', '.join(wanted)} (--force redoes it)")
         return {**prev, "skipped": True}
     from trtqwen.build import quantize  # heavy: torch, modelopt
 
     t0 = time.time()
-    record: dict = {"key": key, "format": fmt}
-    console.print(f"[bold]checkpoint[/] quantizing {spec.precision.value} and exporting TP {spec.tp} shards")
+    record: dict = {"key": key, "target": target}
+    shards = f"TP {spec.tp} shards" if "checkpoint" in wanted else f"the unified HF checkpoint (any TP; TP {spec.tp} planned)"
+    console.print(f"[bold]checkpoint[/] quantizing {spec.precision.value} and exporting {shards}")
     with stage_progress(console) as (say, step):
         quantize.cap_gpu_memory(calib_gpu_memory, say)
-        if fmt in ("trtllm", "both"):
-            info = quantize.export_checkpoint(source.path, spec, out / "checkpoint", say, step)
-            record.update(dir="checkpoint", info=info, bytes=dir_size(out / "checkpoint"),
-                          files=sorted(p.name for p in (out / "checkpoint").iterdir()))
-        if fmt in ("hf", "both"):
-            quantize.export_hf_checkpoint_dir(source.path, spec, out / "hf_checkpoint", say, step)
-            record.update(hf_dir="hf_checkpoint", hf_bytes=dir_size(out / "hf_checkpoint"))
-    record["seconds"] = round(time.time() - t0, 2)
+        info = quantize.export_checkpoint(source.path, spec, out / "checkpoint" if "checkpoint" in wanted else None, say,
+                                          step, hf_out_dir=out / "hf_checkpoint" if "hf_checkpoint" in wanted else None)
+    if "checkpoint" in wanted:
+        record.update(dir="checkpoint", bytes=dir_size(out / "checkpoint"),
+                      files=sorted(p.name for p in (out / "checkpoint").iterdir()))
+    if "hf_checkpoint" in wanted:
+        record.update(hf_dir="hf_checkpoint", hf_bytes=dir_size(out / "hf_checkpoint"))
+    record.update(info=info, seconds=round(time.time() - t0, 2))
     console.print(f"[bold]checkpoint[/] {', '.join(wanted)} written in {record['seconds']:.1f} s")
     return record
 

@@ -22,6 +22,12 @@ from trtqwen.shape import QWEN25_7B, ModelShape
 DECODE_EFFICIENCY = 0.80
 PREFILL_EFFICIENCY = 0.65
 CUDA_CONTEXT_BYTES = 0.75 * 2**30  # CUDA context, cuBLAS/TensorRT workspaces, NCCL buffers
+# TensorRT-LLM's PyTorch backend (target pytorch) runs the same attention and GEMM kernels from Python: its torch
+# context and CUDA-graph pools cost more memory, its per-step host work a little decode speed (estimates: it cannot
+# run here; replace with a 4090D measurement).
+TARGETS = ("engine", "pytorch")
+PYTORCH_EXTRA_BYTES = 0.5 * 2**30
+PYTORCH_DECODE_EFFICIENCY = 0.75
 TOKENS_PER_BLOCK = 32  # TensorRT-LLM 1.x paged-KV default
 
 
@@ -85,6 +91,7 @@ def calibration_peak_bytes(shape: ModelShape, precision: Precision, kv: KvDtype 
 class Plan:
     model: str
     gpu: str
+    target: str  # engine (TensorRT-LLM 1.2.1) or pytorch (its PyTorch backend)
     precision: Precision
     tp: int
     kv_cache_dtype: KvDtype
@@ -122,8 +129,11 @@ def default_kv_fraction(gpu: GpuProfile) -> float:
 
 
 def make_plan(shape: ModelShape, gpu: GpuProfile, spec: BuildSpec, prompt_len: int = 1024,
-              kv_fraction: float | None = None) -> Plan:
+              kv_fraction: float | None = None, target: str = "engine") -> Plan:
     check_spec(spec, shape, gpu)
+    if target not in TARGETS:
+        raise UserError(f"unknown target {target!r}", "use engine (TensorRT-LLM 1.2.1) or pytorch (its PyTorch backend)")
+    pytorch = target == "pytorch"
     precision, tp, kv, max_seq_len = spec.precision, spec.tp, spec.kv_cache_dtype, spec.max_seq_len
     if not 0 < prompt_len <= max_seq_len:
         raise UserError(f"prompt length {prompt_len} must be between 1 and max_seq_len {max_seq_len}")
@@ -134,7 +144,8 @@ def make_plan(shape: ModelShape, gpu: GpuProfile, spec: BuildSpec, prompt_len: i
     w_total = weight_bytes(shape, precision)
     w_gpu = w_total / tp
     kv_tok = kv_bytes_per_token(shape, kv) // tp
-    overhead = CUDA_CONTEXT_BYTES + activation_bytes(shape, tp, spec.max_num_tokens, spec.max_batch_size)
+    overhead = (CUDA_CONTEXT_BYTES + PYTORCH_EXTRA_BYTES * pytorch
+                + activation_bytes(shape, tp, spec.max_num_tokens, spec.max_batch_size))
     free = gpu.memory_bytes - w_gpu - overhead
     kv_pool = max(0.0, free * kv_fraction)
     kv_tokens = int(kv_pool // kv_tok) // TOKENS_PER_BLOCK * TOKENS_PER_BLOCK
@@ -146,7 +157,8 @@ def make_plan(shape: ModelShape, gpu: GpuProfile, spec: BuildSpec, prompt_len: i
     ceiling = gpu.bandwidth_gbs * 1e9 / read_per_token
     step_ar = allreduce_seconds(gpu, tp, 1, shape, 2 * shape.num_layers)
     kv_read = kv_tok * prompt_len  # attention reads the context's KV each step
-    step = (read_per_token + kv_read) / (gpu.bandwidth_gbs * 1e9 * DECODE_EFFICIENCY) + step_ar
+    efficiency = PYTORCH_DECODE_EFFICIENCY if pytorch else DECODE_EFFICIENCY
+    step = (read_per_token + kv_read) / (gpu.bandwidth_gbs * 1e9 * efficiency) + step_ar
     estimate = 1.0 / step
 
     flops = 2 * shape.non_embedding_params * prompt_len + 2 * shape.num_layers * prompt_len**2 * shape.q_size
@@ -155,6 +167,9 @@ def make_plan(shape: ModelShape, gpu: GpuProfile, spec: BuildSpec, prompt_len: i
     calib = calibration_peak_bytes(shape, precision, kv)
 
     reasons, notes = [], []
+    if pytorch and PRECISIONS[precision].not_on_pytorch_backend:
+        reasons.append(f"{precision.value} does not run on TensorRT-LLM's PyTorch backend: "
+                       f"{PRECISIONS[precision].not_on_pytorch_backend}")
     if free <= 0:
         reasons.append(
             f"weights ({w_gpu / 1e9:.2f} GB per GPU) and runtime ({overhead / 1e9:.2f} GB) exceed the "
@@ -186,10 +201,11 @@ def make_plan(shape: ModelShape, gpu: GpuProfile, spec: BuildSpec, prompt_len: i
         f"trtqwen build --model {spec.model} --precision {precision.value} --tp {tp} --gpu {gpu.name}"
         + (f" --kv-cache-dtype {kv.value}" if kv is not KvDtype.AUTO else "")
         + f" --max-seq-len {max_seq_len} --max-batch-size {spec.max_batch_size}"
+        + (" --target pytorch" if pytorch else "")
     ) if fits else ""
 
     return Plan(
-        model=shape.name, gpu=gpu.name, precision=precision, tp=tp, kv_cache_dtype=kv,
+        model=shape.name, gpu=gpu.name, target=target, precision=precision, tp=tp, kv_cache_dtype=kv,
         max_seq_len=max_seq_len, max_batch_size=spec.max_batch_size, prompt_len=prompt_len,
         kv_cache_free_gpu_mem_fraction=kv_fraction, total_params=shape.total_params,
         weight_bytes_total=w_total, weight_bytes_per_gpu=w_gpu, kv_bytes_per_token_per_gpu=kv_tok,
@@ -215,7 +231,7 @@ def read_model_shape(path: Path) -> ModelShape:
 
 
 def plan_from_options(model: Path | None, gpu: str, spec: BuildSpec, prompt_len: int = 1024, kv_fraction=None,
-                      memory_gib=None, bandwidth_gbs=None, tflops=None) -> Plan:
+                      memory_gib=None, bandwidth_gbs=None, tflops=None, target: str = "engine") -> Plan:
     """Resolve the GPU profile and the model's shape (default: Qwen2.5-7B), then plan."""
     from trtqwen.build.hardware import custom_profile, get_profile
 
@@ -225,18 +241,20 @@ def plan_from_options(model: Path | None, gpu: str, spec: BuildSpec, prompt_len:
         profile = custom_profile(memory_gib, bandwidth_gbs, tflops)
     else:
         profile = get_profile(gpu)
-    return make_plan(QWEN25_7B if model is None else read_model_shape(model), profile, spec, prompt_len, kv_fraction)
+    return make_plan(QWEN25_7B if model is None else read_model_shape(model), profile, spec, prompt_len, kv_fraction,
+                     target)
 
 
 def plan_table(p: Plan):
     from rich.table import Table
 
-    t = Table(title=f"{p.model} · {p.precision.value} · TP {p.tp} · {p.gpu}", show_header=False)
+    where = "TensorRT-LLM 1.2.1 engine" if p.target == "engine" else "TensorRT-LLM PyTorch backend"
+    t = Table(title=f"{p.model} · {p.precision.value} · TP {p.tp} · {p.gpu} · {where}", show_header=False)
     gb = lambda n: f"{n / 1e9:.2f} GB"  # noqa: E731
     rows = [
         ("parameters", f"{p.total_params / 1e9:.3f} B"),
         ("weights", f"{gb(p.weight_bytes_total)} total, {gb(p.weight_bytes_per_gpu)} per GPU"),
-        ("KV cache per token", f"{p.kv_bytes_per_token_per_gpu:,} B per GPU ({p.kv_cache_dtype})"),
+        ("KV cache per token", f"{p.kv_bytes_per_token_per_gpu:,} B per GPU ({p.kv_cache_dtype.value})"),
         ("runtime overhead", f"{gb(p.overhead_bytes_per_gpu)} per GPU (CUDA context, activations, logits)"),
         ("KV cache pool", f"{gb(p.kv_cache_bytes_per_gpu)} per GPU at fraction {p.kv_cache_free_gpu_mem_fraction}"),
         ("KV tokens that fit", f"{p.kv_tokens:,}"),

@@ -267,7 +267,7 @@ def write_checkpoint(model, hf: dict, spec: BuildSpec, out_dir: Path, progress: 
     say(f"exporting {spec.tp} rank(s) as {spec.quant_algo or spec.dtype}")
     t0 = time.perf_counter()
     with publishing(out_dir) as tmp:
-        with _config_step_without_tensorrt_llm(), torch.inference_mode():
+        with _config_step_without_tensorrt_llm(), torch.no_grad():
             export_tensorrt_llm_checkpoint(model, "qwen", getattr(torch, spec.dtype), export_dir=tmp,
                                            inference_tensor_parallel=spec.tp)
         exported = json.loads((tmp / "config.json").read_text())
@@ -305,15 +305,6 @@ def _peak_memory(device: str) -> dict:
     return peak
 
 
-def export_model(model, hf: dict, tokenizer, spec: BuildSpec, out_dir: Path, progress: Progress | None = None,
-                 step: Step | None = None) -> dict:
-    """Quantize an in-memory HF Qwen2 per spec and write its TensorRT-LLM checkpoint to out_dir."""
-    check_shardable(hf, spec)
-    info = quantize_model(model, tokenizer, spec, progress, step)
-    info.update(write_checkpoint(model, hf, spec, out_dir, progress))
-    return {**info, **_peak_memory(info["device"])}
-
-
 @contextlib.contextmanager
 def _gpu_memory_is_a_user_error(hf_dir: Path):
     import torch
@@ -329,16 +320,19 @@ def _gpu_memory_is_a_user_error(hf_dir: Path):
         ) from None
 
 
-def export_checkpoint(hf_dir: Path, spec: BuildSpec, out_dir: Path, progress: Progress | None = None,
-                      step: Step | None = None) -> dict:
-    """HF dir → TensorRT-LLM checkpoint in out_dir (built in a temporary dir beside it, renamed when complete).
+def export_checkpoint(hf_dir: Path, spec: BuildSpec, out_dir: Path | None, progress: Progress | None = None,
+                      step: Step | None = None, hf_out_dir: Path | None = None) -> dict:
+    """HF dir → TensorRT-LLM checkpoint in out_dir and/or ModelOpt's unified HF checkpoint in hf_out_dir, from one
+    load and one calibration (each written in a temporary dir beside it, renamed when complete).
 
     Returns device, quant_algo, kv_cache_quant_algo, files {name: bytes}, load/quantize/export seconds,
-    calib_samples/tokens and peak_rss_mb (peak_gpu_mb on CUDA).
+    calib_samples/tokens and peak_rss_mb (peak_gpu_mb on CUDA); with hf_out_dir also hf_files, hf_export_seconds.
     """
     hf_dir = Path(hf_dir)
     hf = _check_hf_dir(hf_dir)
     check_shardable(hf, spec)  # before the minutes of loading and calibrating
+    if hf_out_dir is not None:
+        check_hf_format(spec)
     say = progress or (lambda msg: None)
     device = pick_device()
     tokenizer = load_tokenizer(hf_dir) if modelopt_config(spec) is not None else None
@@ -346,40 +340,57 @@ def export_checkpoint(hf_dir: Path, spec: BuildSpec, out_dir: Path, progress: Pr
     say(f"loading {hf_dir} ({spec.dtype}) on {device}")
     with _gpu_memory_is_a_user_error(hf_dir):
         model = load_hf_model(hf_dir, spec, device)
-        load_seconds = round(time.perf_counter() - t0, 2)
-        info = export_model(model, hf, tokenizer, spec, Path(out_dir), progress, step)
-    return {"load_seconds": load_seconds, **info}
+        info = {"load_seconds": round(time.perf_counter() - t0, 2), **quantize_model(model, tokenizer, spec, say, step)}
+        if out_dir is not None:
+            info.update(write_checkpoint(model, hf, spec, Path(out_dir), say))
+        if hf_out_dir is not None:  # last: ModelOpt's HF export packs the model's weights in place
+            info.update(write_hf_checkpoint(model, hf_dir, spec, Path(hf_out_dir), say))
+    return {**info, **_peak_memory(device)}
 
 
-def export_hf_checkpoint_dir(hf_dir: Path, spec: BuildSpec, out_dir: Path, progress: Progress | None = None,
-                             step: Step | None = None) -> dict:
-    """ModelOpt's unified HF checkpoint (the input of TensorRT-LLM's PyTorch backend / trtllm-serve / llmapi)."""
+def check_hf_format(spec: BuildSpec) -> None:
+    """The PyTorch backend's checkpoint exists for what that backend runs (precision.py says why not the rest)."""
+    why = spec.info.not_on_pytorch_backend
+    if why:
+        raise UserError(f"{spec.precision.value} cannot target TensorRT-LLM's PyTorch backend: {why}",
+                        "use --target engine (TensorRT-LLM 1.2.1) for it, or int4_awq / fp8 / bf16 for --target pytorch")
+
+
+HF_EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                  "vocab.json", "merges.txt", "chat_template.jinja")
+
+
+def write_hf_checkpoint(model, hf_dir: Path, spec: BuildSpec, out_dir: Path, progress: Progress | None = None) -> dict:
+    """ModelOpt's unified HF checkpoint of an (already quantized) HF Qwen2, with the source's tokenizer files: the
+    input of TensorRT-LLM's PyTorch backend (trtllm-serve, the Triton llmapi model), any TP (split at load)."""
     import torch
     from modelopt.torch.export import export_hf_checkpoint
 
-    if spec.info.weight_only:
-        raise UserError(
-            f"{spec.precision.value} has no unified HF checkpoint format in ModelOpt 0.37",
-            "weight-only int8/int4 is quantized by trtllm-build: use --format trtllm, or int4_awq / fp8 for the HF format",
-        )
-    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
-    _check_hf_dir(hf_dir)
     say = progress or (lambda msg: None)
-    device = pick_device()
-    cfg = modelopt_config(spec)
-    tokenizer = load_tokenizer(hf_dir) if cfg is not None else None
-    info: dict = {"device": device, "quantize_seconds": 0.0}
+    check_hf_format(spec)
+    say(f"exporting the unified HF checkpoint ({spec.quant_algo or spec.dtype})")
+    t0 = time.perf_counter()
     with publishing(out_dir) as tmp:
-        with _gpu_memory_is_a_user_error(hf_dir):
-            model = load_hf_model(hf_dir, spec, device)
-            if cfg is not None:
-                info.update(calibrate(model, tokenizer, spec, cfg, device, say, step))
-            t0 = time.perf_counter()
+        with torch.no_grad():
             export_hf_checkpoint(model.to(getattr(torch, spec.dtype)), dtype=getattr(torch, spec.dtype), export_dir=tmp)
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                     "vocab.json", "merges.txt", "chat_template.jinja"):
+        for name in HF_EXTRA_FILES:
             if (hf_dir / name).is_file() and not (tmp / name).exists():
                 shutil.copy2(hf_dir / name, tmp / name)
-    info.update(export_seconds=round(time.perf_counter() - t0, 2), dir=str(out_dir),
-                files={p.name: p.stat().st_size for p in sorted(out_dir.iterdir())}, **_peak_memory(device))
-    return info
+        stop_ids_in_generation_config(tmp)
+    return {"hf_export_seconds": round(time.perf_counter() - t0, 2),
+            "hf_files": {p.name: p.stat().st_size for p in sorted(out_dir.iterdir())}}
+
+
+QWEN_STOP_IDS = [151645, 151643]  # <|im_end|> ends a chat turn, <|endoftext|> a text
+
+
+def stop_ids_in_generation_config(d: Path) -> None:
+    """TensorRT-LLM's PyTorch backend stops on generation_config.json's eos_token_id: list both Qwen2.5 stop ids
+    (base models' configs name only <|endoftext|>, so chat answers would run on past <|im_end|>)."""
+    f = d / "generation_config.json"
+    gen = json.loads(f.read_text()) if f.is_file() else {}
+    eos = gen.get("eos_token_id")
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    vocab = json.loads((d / "config.json").read_text())["vocab_size"]
+    gen["eos_token_id"] = eos + [i for i in QWEN_STOP_IDS if i not in eos and i < vocab]
+    f.write_text(json.dumps(gen, indent=2) + "\n")

@@ -1,4 +1,4 @@
-"""`trtqwen verify`: does a TensorRT-LLM checkpoint compute what its HF source computes?
+"""`trtqwen verify`: does a checkpoint (TensorRT-LLM, or ModelOpt's unified HF) compute what its HF source computes?
 
 Both run in the reference runtime on the same prompts; we compare next-token logits at every position.
 Thresholds differ by precision because quantization is meant to change the numbers a little (README).
@@ -15,7 +15,7 @@ import torch
 
 from trtqwen.build.manifest import read_manifest
 from trtqwen.build.spec import BuildSpec, check_spec
-from trtqwen.checkpoint import Checkpoint, read_checkpoint
+from trtqwen.checkpoint import Checkpoint, read_model_dir
 from trtqwen.errors import UserError
 from trtqwen.precision import PRECISIONS, Precision
 from trtqwen.qwen_tokenizer import load_tokenizer
@@ -123,7 +123,7 @@ def compare(ref_logits: torch.Tensor, ck_logits: torch.Tensor, tokens: torch.Ten
 def resolve_inputs(checkpoint: Path, against: Path | None) -> tuple[Checkpoint, Path]:
     """The checkpoint through the one reader (and, in a build directory, the one spec validator); --against defaults
     to the source recorded in the build manifest next to it."""
-    ck = read_checkpoint(checkpoint)
+    ck = read_model_dir(checkpoint)
     manifest = read_manifest(ck.path.parent)
     if manifest and "spec" in manifest:
         check_spec(BuildSpec.from_dict(manifest["spec"]), ck.shape)

@@ -1,6 +1,8 @@
-"""Load Qwen2 weights from an HF checkpoint or a TensorRT-LLM checkpoint (any precision, any TP) into Qwen2Model.
+"""Load Qwen2 weights from an HF checkpoint (plain or ModelOpt-quantized) or a TensorRT-LLM checkpoint (any
+precision, any TP) into Qwen2Model.
 
-A TensorRT-LLM checkpoint is read only through trtqwen.checkpoint (its shape, precision and rank files).
+Checkpoints are read only through trtqwen.checkpoint (shape, precision, rank files); an HF checkpoint's tensors are
+first put in the TensorRT-LLM checkpoint's names and layout (hf_layout.py), so one reader builds every model.
 """
 
 from __future__ import annotations
@@ -10,9 +12,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from trtqwen.checkpoint import Checkpoint, is_trtllm_checkpoint, read_checkpoint, read_config
+from trtqwen.checkpoint import Checkpoint, is_trtllm_checkpoint, read_checkpoint, read_hf_checkpoint
 from trtqwen.errors import UserError
 from trtqwen.precision import SQ_PER_TOKEN_ALGOS
+from trtqwen.runtime.hf_layout import rank_shard, to_trtllm_names
 from trtqwen.runtime.layers.linear import Linear, merge_column, merge_row
 from trtqwen.runtime.models.qwen2 import DecoderLayer, Qwen2Model
 from trtqwen.shape import ModelShape
@@ -47,29 +50,6 @@ def load_merged(path: Path, device: str | torch.device = "cpu", dtype: torch.dty
     """HF dir or TensorRT-LLM checkpoint (its TP shards merged) → Qwen2Model on device."""
     model = load_trtllm(path, max_positions) if is_trtllm_checkpoint(Path(path)) else load_hf(Path(path), max_positions)
     return place(model, device, dtype, int4_kernels)
-
-
-def load_hf(path: Path, max_positions: int | None = None) -> Qwen2Model:
-    raw = read_config(path)
-    cfg = ModelShape.from_hf(raw)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise UserError(f"{path} has no *.safetensors weights", "the runtime loads safetensors only")
-    t = {k: v.float() for k, v in read_safetensors(files).items()}
-    layers = []
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        a = p + "self_attn."
-        qkv_w = torch.cat([t[a + "q_proj.weight"], t[a + "k_proj.weight"], t[a + "v_proj.weight"]])
-        qkv_b = torch.cat([t[a + "q_proj.bias"], t[a + "k_proj.bias"], t[a + "v_proj.bias"]])
-        layers.append(DecoderLayer(
-            cfg, ln1=t[p + "input_layernorm.weight"], qkv=Linear(qkv_w, qkv_b), o=Linear(t[a + "o_proj.weight"]),
-            ln2=t[p + "post_attention_layernorm.weight"], gate=Linear(t[p + "mlp.gate_proj.weight"]),
-            up=Linear(t[p + "mlp.up_proj.weight"]), down=Linear(t[p + "mlp.down_proj.weight"]),
-        ))
-    embed = t["model.embed_tokens.weight"]
-    lm_head = Linear(t.get("lm_head.weight", embed))
-    return Qwen2Model(cfg, embed, layers, t["model.norm.weight"], lm_head, max_positions)
 
 
 def unpack_int4(packed: torch.Tensor, dim: int) -> torch.Tensor:
@@ -201,6 +181,20 @@ def load_trtllm(path: Path, max_positions: int | None = None) -> Qwen2Model:
     return Qwen2Model(cfg, embed, layers, ranks[0]["transformer.ln_f.weight"].float(), lm_head, max_positions)
 
 
+def load_hf(path: Path, max_positions: int | None = None, tp: int = 1, rank: int = 0,
+            cls: type[Qwen2Model] = Qwen2Model) -> Qwen2Model:
+    """An HF checkpoint (plain or ModelOpt's unified export) → the whole model, or rank `rank`'s shard at TP `tp`
+    (split here at load, as TensorRT-LLM's PyTorch backend splits it)."""
+    ck = read_hf_checkpoint(path)
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{path} has no *.safetensors weights", "the runtime loads safetensors only")
+    t = rank_shard(to_trtllm_names(read_safetensors(files), ck.shape), ck.shape, tp, rank, ck.quant_algo)
+    model = _from_rank_tensors(t, ck, ck.shape.shard(tp, ck.precision) if tp > 1 else ck.shape, max_positions, cls)
+    model.tp_size = tp
+    return model
+
+
 def load_rank(path: Path, rank: int, max_positions: int | None = None, cls: type[Qwen2Model] = Qwen2Model) -> Qwen2Model:
     """Only rank{rank}.safetensors of a TP checkpoint → a model of that rank's shard (cfg: Checkpoint.rank_shape).
 
@@ -214,8 +208,13 @@ def load_rank(path: Path, rank: int, max_positions: int | None = None, cls: type
     if ck.quant_algo not in ("W8A16", "W4A16") and qkv_rows != cfg.q_size + 2 * cfg.kv_size:
         raise UserError(f"{ck.rank_file(rank)}: fused qkv has {qkv_rows} rows, not the {cfg.q_size + 2 * cfg.kv_size} "
                         f"of a TP {ck.tp} shard", "the rank files do not match config.json: rebuild the checkpoint")
-    shards = _Shards([t], ck)
-    model = cls(cfg, t["transformer.vocab_embedding.weight"].float(), shards.layers(cfg),
-                t["transformer.ln_f.weight"].float(), shards.column("lm_head"), max_positions)
+    model = _from_rank_tensors(t, ck, cfg, max_positions, cls)
     model.tp_size = ck.tp
     return model
+
+
+def _from_rank_tensors(t: dict, ck: Checkpoint, cfg, max_positions: int | None, cls: type[Qwen2Model]) -> Qwen2Model:
+    """One rank file's tensors (or a whole TP-1 model's) → the model; cfg: that rank's dims."""
+    shards = _Shards([t], ck)
+    return cls(cfg, t["transformer.vocab_embedding.weight"].float(), shards.layers(cfg),
+               t["transformer.ln_f.weight"].float(), shards.column("lm_head"), max_positions)

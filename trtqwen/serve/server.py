@@ -22,6 +22,9 @@ from trtqwen.errors import UserError
 from trtqwen.files import publishing
 
 SYSTEM_SERVER = Path("/opt/tritonserver")  # NVIDIA's Triton / TensorRT-LLM containers
+# TensorRT-LLM's PyTorch backend starts its workers through MPI: under plain tritonserver the llmapi model fails with
+# MPI_ERR_SPAWN; its launcher (tensorrt_llm/llmapi/trtllm-llmapi-launch) runs the server as rank 0 of one MPI process.
+LLMAPI_LAUNCH = "trtllm-llmapi-launch"
 CACHE = Path(os.environ.get("TRTQWEN_CACHE", Path.home() / ".cache" / "trtqwen"))
 STATE_FILE = ".trtqwen-server.json"  # in the model repository: pid, ports, log of the running server
 
@@ -120,8 +123,13 @@ def server_args(install: TritonInstall, repo: Path, host: str, http_port: int, g
 
 
 def server_command(install: TritonInstall, repo: Path, host: str, http_port: int, grpc_port: int, metrics_port: int,
-                   world_size: int = 1) -> list[str]:
-    """One process, or for TP > 1 one per rank under mpirun as tensorrtllm_backend's launcher does."""
+                   world_size: int = 1, launcher: str | None = None) -> list[str]:
+    """One process, or for TP > 1 one per rank under mpirun as tensorrtllm_backend's launcher does; the llmapi model
+    (any TP: the LLM spawns its ranks itself) as rank 0 of one MPI process under trtllm-llmapi-launch, as
+    launch_triton_server.py --trtllm_llmapi_launch runs it."""
+    if launcher == "llmapi":
+        return ["mpirun", "--allow-run-as-root", "-n", "1", LLMAPI_LAUNCH] + server_args(
+            install, repo, host, http_port, grpc_port, metrics_port)
     if world_size == 1:  # explicit model control: the supervisor reloads a model whose stub died
         return server_args(install, repo, host, http_port, grpc_port, metrics_port,
                            ["--model-control-mode=explicit", "--load-model=*"])
@@ -170,7 +178,7 @@ def explain_log(log: Path, lines: int = 25) -> str:
 
 def start(repo: Path, models: list[str], host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 8001,
           metrics_port: int = 8002, log: Path | None = None, world_size: int = 1, timeout: float = 180,
-          install: TritonInstall | None = None, env: dict | None = None) -> dict:
+          install: TritonInstall | None = None, env: dict | None = None, launcher: str | None = None) -> dict:
     """Start tritonserver in the background and wait for it and every model to be ready; returns its state.
 
     env: more environment for the server and its models (e.g. TRTQWEN_PROFILE_DIR)."""
@@ -185,9 +193,11 @@ def start(repo: Path, models: list[str], host: str = "127.0.0.1", http_port: int
         if not port_free(host, port):
             raise UserError(f"port {port} on {host} is already in use",
                             "stop what uses it (`trtqwen serve --stop`?) or pick other --http-port/--grpc-port/--metrics-port")
+    if launcher == "llmapi":
+        check_llmapi_runnable(repo, http_port, grpc_port, metrics_port)
     install = install or find_tritonserver()
     log = Path(log) if log else repo / "tritonserver.log"
-    cmd = server_command(install, repo, host, http_port, grpc_port, metrics_port, world_size)
+    cmd = server_command(install, repo, host, http_port, grpc_port, metrics_port, world_size, launcher)
     if world_size > 1 and not shutil.which("mpirun"):
         raise UserError("tensor parallel serving needs mpirun", "install OpenMPI (it comes with NVIDIA's TensorRT-LLM container)")
     env = {**os.environ, **install.env, **(env or {})}
@@ -196,7 +206,7 @@ def start(repo: Path, models: list[str], host: str = "127.0.0.1", http_port: int
     base = f"http://{host}:{http_port}"
     try:
         wait_ready(proc, base, models, log, timeout)
-        supervisor = start_supervisor(repo, base, proc.pid) if world_size == 1 else None
+        supervisor = start_supervisor(repo, base, proc.pid) if world_size == 1 and not launcher else None
     except BaseException:
         stop_process(proc.pid)
         raise
@@ -299,7 +309,38 @@ def serve_repo(repo: Path, host: str, http_port: int, grpc_port: int, metrics_po
     plan = record.get("serve", {})
     os.environ.update(plan.get("env", {}))
     return start(repo, plan.get("models", []), host, http_port, grpc_port, metrics_port, log,
-                 plan.get("world_size", 1), timeout)
+                 plan.get("world_size", 1), timeout, launcher=plan.get("launcher"))
+
+
+def run_trtllm_serve(build_dir: Path, print_only: bool = False) -> None:
+    """The build's trtllm-serve.sh (written by `build --target pytorch|both`): shown, or run in the foreground."""
+    from trtqwen.build.trtllm_serve import SCRIPT
+
+    script = Path(build_dir) / SCRIPT
+    if not script.is_file():
+        raise UserError(f"{build_dir} has no {SCRIPT}", "pass a build directory of `trtqwen build --target pytorch` "
+                        "(or both); trtllm-serve serves its unified HF checkpoint")
+    if print_only:
+        print(script.read_text())
+        return
+    if not (shutil.which("trtllm-serve") or shutil.which("docker")):
+        raise UserError("neither trtllm-serve nor docker is installed here",
+                        f"run {script} on the GPU box that has TensorRT-LLM (or its container)")
+    os.execv("/bin/bash", ["bash", str(script)])
+
+
+def check_llmapi_runnable(repo: Path, http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002) -> None:
+    """The llmapi model is NVIDIA's code on TensorRT-LLM's PyTorch backend: refuse, saying where it runs, what is
+    missing here (the launcher, mpirun, TensorRT-LLM, the model's code)."""
+    missing = [what for what, ok in (
+        (LLMAPI_LAUNCH, shutil.which(LLMAPI_LAUNCH)), ("mpirun", shutil.which("mpirun")),
+        ("the tensorrt_llm package", importlib.util.find_spec("tensorrt_llm")),
+        ("tensorrt_llm/1/model.py (NVIDIA's llmapi model)", (Path(repo) / "tensorrt_llm" / "1" / "model.py").is_file()),
+    ) if not ok]
+    if missing:
+        raise UserError(f"the llmapi runtime needs TensorRT-LLM's PyTorch backend; missing here: {', '.join(missing)}",
+                        "run it in TensorRT-LLM's container (`trtqwen serve <repo> --print-command` shows the docker "
+                        "command), or package with --runtime torch to serve the same checkpoint here")
 
 
 def describe_commands(repo: Path, host: str, http_port: int, grpc_port: int, metrics_port: int) -> list[str]:
@@ -307,16 +348,16 @@ def describe_commands(repo: Path, host: str, http_port: int, grpc_port: int, met
     import shlex
 
     record = _record(repo)
-    world = record.get("serve", {}).get("world_size", 1)
+    world, launcher = record.get("serve", {}).get("world_size", 1), record.get("serve", {}).get("launcher")
     install = find_tritonserver()
-    cmd = server_command(install, Path(repo), host, http_port, grpc_port, metrics_port, world)
+    cmd = server_command(install, Path(repo), host, http_port, grpc_port, metrics_port, world, launcher)
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in install.env.items())
     lines = [f"# here ({install.describe()}):", (env + " " if env else "") + " ".join(shlex.quote(c) for c in cmd)]
-    if record.get("runtime") == "trtllm":
+    if record.get("runtime") in ("trtllm", "llmapi"):
         from trtqwen.build.trtllm_build import TRTLLM_IMAGE
 
         inner = server_command(TritonInstall("system", SYSTEM_SERVER), Path("/model_repo"), "0.0.0.0", http_port,
-                               grpc_port, metrics_port, world)
+                               grpc_port, metrics_port, world, launcher)
         lines += ["# in the TensorRT-LLM container on the 4090D box:",
                   f"docker run --rm --gpus all --ipc=host -p 127.0.0.1:{http_port}:{http_port} "
                   f"-p 127.0.0.1:{grpc_port}:{grpc_port} -p 127.0.0.1:{metrics_port}:{metrics_port} "

@@ -10,7 +10,7 @@ dies makes rank 0 raise TPError (watchdog + collective timeouts), never hang.
 """
 
 from trtqwen.runtime.tp.channel import TPError
-from trtqwen.runtime.tp.shards import CheckpointShards, RandomShards, RankModel
+from trtqwen.runtime.tp.shards import CheckpointShards, HfShards, RandomShards, RankModel
 from trtqwen.runtime.tp.tp_model import TPModel, load_tp_model
 
-__all__ = ["CheckpointShards", "RandomShards", "RankModel", "TPError", "TPModel", "load_tp_model"]
+__all__ = ["CheckpointShards", "HfShards", "RandomShards", "RankModel", "TPError", "TPModel", "load_tp_model"]

@@ -11,13 +11,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from trtqwen.checkpoint import read_checkpoint
+from trtqwen.checkpoint import read_checkpoint, read_hf_checkpoint
 from trtqwen.runtime.engine.model_runner import GraphedDecode
-from trtqwen.runtime.loader import load_rank, place
+from trtqwen.runtime.loader import load_hf, load_rank, place
 from trtqwen.runtime.models.qwen2 import KVCache, Qwen2Model
 from trtqwen.runtime.random_model import PRESETS, random_model
 from trtqwen.runtime.tp.channel import all_gather
-from trtqwen.shape import ModelShape
+from trtqwen.shape import ModelShape, check_tp
 
 
 class RankModel(Qwen2Model):
@@ -67,6 +67,22 @@ class CheckpointShards:
 
 
 @dataclass(frozen=True)
+class HfShards:
+    """Rank i's slice of an HF checkpoint (plain or ModelOpt-quantized), cut at load: the PyTorch backend's way."""
+
+    path: str
+    tp: int
+
+    def config(self) -> tuple[ModelShape, int]:
+        ck = read_hf_checkpoint(Path(self.path))
+        check_tp(ck.shape, self.tp, ck.precision, ck.group_size)
+        return ck.shape, self.tp
+
+    def load(self, rank: int, device: str, dtype: torch.dtype, max_positions: int | None) -> RankModel:
+        return load_hf(Path(self.path), max_positions, self.tp, rank, cls=RankModel)
+
+
+@dataclass(frozen=True)
 class RandomShards:
     """Rank i's shard of a random model (random_model.PRESETS), made on its device: benchmarks without a checkpoint."""
 
@@ -82,7 +98,7 @@ class RandomShards:
                             tp=self.tp, rank=rank, cls=RankModel)
 
 
-SOURCES = {"checkpoint": CheckpointShards, "random": RandomShards}
+SOURCES = {"checkpoint": CheckpointShards, "hf": HfShards, "random": RandomShards}
 
 
 def source_arg(source) -> str:

@@ -18,7 +18,8 @@ from trtqwen.errors import UserError
 from trtqwen.runtime.engine.model_runner import GraphedDecode
 from trtqwen.runtime.models.qwen2 import KVCache
 from trtqwen.runtime.tp.channel import INIT_TIMEOUT_S, TPError, join, send_command
-from trtqwen.runtime.tp.shards import CheckpointShards, Rank, RandomShards, RankModel, load_shard, source_arg
+from trtqwen.checkpoint import is_trtllm_checkpoint
+from trtqwen.runtime.tp.shards import CheckpointShards, HfShards, Rank, RandomShards, RankModel, load_shard, source_arg
 
 STOP_TIMEOUT_S = 10
 
@@ -26,7 +27,7 @@ STOP_TIMEOUT_S = 10
 class TPModel:
     """Rank 0's stand-in for a Qwen2Model: each call is broadcast to the workers, then run on rank 0's shard."""
 
-    def __init__(self, source: CheckpointShards | RandomShards, device: str = "cpu", gpu_ids: list[int] | None = None,
+    def __init__(self, source: CheckpointShards | HfShards | RandomShards, device: str = "cpu", gpu_ids: list[int] | None = None,
                  dtype: torch.dtype | None = None, max_positions: int | None = None, int4_kernels: bool | None = None):
         # the full model's shape (LLMEngine checks token ids against its vocabulary); refuses a TP that does not divide it
         self.cfg, self.tp = source.config()
@@ -220,12 +221,15 @@ class TPGraphedDecode:
 
 
 def load_tp_model(path: Path, device: str = "cpu", gpu_ids: list[int] | None = None, dtype: torch.dtype | None = None,
-                  max_positions: int | None = None, int4_kernels: bool | None = None) -> TPModel:
-    """A TP checkpoint run as one process per rank, each loading only its rank file → rank 0's proxy (close() it).
+                  max_positions: int | None = None, int4_kernels: bool | None = None, tp: int = 1) -> TPModel:
+    """A TP checkpoint run as one process per rank, each loading only its rank file (an HF checkpoint: each its
+    slice of it, at `tp`) → rank 0's proxy (close() it).
 
     device "cpu" (gloo) or "cuda" (NCCL, GPUs gpu_ids or 0..tp-1); dtype and int4_kernels as for load_model.
     """
-    return TPModel(CheckpointShards(str(Path(path).resolve())), device, gpu_ids, dtype, max_positions, int4_kernels)
+    path = str(Path(path).resolve())
+    source = CheckpointShards(path) if is_trtllm_checkpoint(Path(path)) else HfShards(path, tp)
+    return TPModel(source, device, gpu_ids, dtype, max_positions, int4_kernels)
 
 
 def _devices(device: str, gpu_ids: list[int] | None, tp: int) -> list[str]:

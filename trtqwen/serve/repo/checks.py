@@ -38,7 +38,9 @@ def check_runtime(runtime: str) -> str:
 
 
 def checkpoint_dir(build_dir: Path, manifest: dict) -> Path:
-    rel = (manifest.get("stages", {}).get("checkpoint") or {}).get("dir", "checkpoint")
+    """The TensorRT-LLM checkpoint of an engine (or both) build, the HF one of a pytorch build."""
+    stage = manifest.get("stages", {}).get("checkpoint") or {}
+    rel = stage.get("dir") or stage.get("hf_dir") or "checkpoint"
     path = build_dir / rel
     if not (path / "config.json").is_file():
         raise UserError(f"{build_dir} has no checkpoint ({path} with a config.json)",
@@ -130,16 +132,16 @@ def check_engine_compatible(recorded: dict, serving: dict) -> None:
         )
 
 
-def llmapi_model_dir(build_dir: Path, manifest: dict) -> Path:
-    """What TensorRT-LLM's PyTorch backend loads: the build's HF-format export, else the source HF model."""
+def llmapi_model_dir(build_dir: Path, manifest: dict, spec: BuildSpec) -> Path:
+    """What TensorRT-LLM's PyTorch backend loads: the build's unified HF checkpoint; for a 16-bit build the source
+    model does as well (a quantized build never falls back to it: that would serve other weights than built)."""
     ckpt = manifest.get("stages", {}).get("checkpoint") or {}
-    candidates = [build_dir / ckpt["hf_dir"]] if ckpt.get("hf_dir") else []
-    candidates.append(build_dir / "hf_checkpoint")
-    if (manifest.get("source") or {}).get("path"):
+    candidates = [build_dir / ckpt.get("hf_dir", "hf_checkpoint")]
+    unquantized = spec.info.weight_bits == 16 and spec.kv_cache_quant_algo is None
+    if unquantized and (manifest.get("source") or {}).get("path"):
         candidates.append(Path(manifest["source"]["path"]))
     for c in candidates:
         if (c / "config.json").is_file():
             return c
-    raise UserError(f"{build_dir} has no HF-format checkpoint for the llmapi runtime",
-                    "rebuild with `trtqwen build --format hf` (or both), or keep the source model where build.json "
-                    "says it is")
+    raise UserError(f"{build_dir} has no unified HF checkpoint for the llmapi runtime ({spec.precision.value})",
+                    "rebuild with `trtqwen build --target pytorch` (or --target both) and package that")

@@ -105,6 +105,7 @@ def tensorrt_llm_torch_config(s: RepoSettings) -> mc.ModelConfig:
         "max_input_len": s.max_input_len,
         "max_seq_len": s.max_seq_len,
         "max_num_tokens": s.max_num_tokens,
+        "tensor_parallel_size": s.tp,  # an HF checkpoint is split at load (a TensorRT-LLM one has its rank files)
         "end_id": s.end_id,
         "pad_id": s.pad_id,
         "trtqwen_src": s.trtqwen_src,

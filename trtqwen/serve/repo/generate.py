@@ -95,7 +95,7 @@ def generate_repo(build_dir: Path, out: Path, runtime: str = "torch", max_batch_
             notes.append("TensorRT-LLM is not installed here: `trtqwen serve` checks the engine's TensorRT-LLM "
                          f"({versions['tensorrt_llm']}), TensorRT and GPU architecture against the serving ones first")
     elif runtime == "llmapi":
-        model_dir = checks.llmapi_model_dir(build_dir, manifest)
+        model_dir = checks.llmapi_model_dir(build_dir, manifest, spec)
     else:
         model_dir = checkpoint
     check_output(out, force)

@@ -23,7 +23,7 @@ def make_record(build_dir: Path, manifest: dict, settings: RepoSettings, version
         "streaming": settings.streaming,
         "versions": versions,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "serve": {"world_size": settings.world_size,
+        "serve": {"world_size": settings.world_size, "launcher": "llmapi" if settings.runtime == "llmapi" else None,
                   "env": {"TRTLLM_ORCHESTRATOR": "1"} if settings.runtime == "trtllm" and settings.instances > 1 else {},
                   "models": ["ensemble", "preprocessing", "tensorrt_llm", "postprocessing", "tensorrt_llm_bls"]},
         "settings": settings.to_dict(),

@@ -87,7 +87,7 @@ class TritonPythonModel:
         self.broken: str | None = None  # why the model cannot serve any more (a tensor-parallel rank died)
         # A TP > 1 checkpoint runs as one process per rank, started (and stopped in finalize) by this model.
         self.model = load_model(param("gpt_model_path"), self.device, max_positions=self.max_seq_len, tp_ranks=True,
-                                gpu_ids=gpus)
+                                gpu_ids=gpus, tp=int(param("tensor_parallel_size", "1")))
         if self.device.startswith("cuda") and as_bool(param("torch_compile"), True):
             self.model.compile()  # fused decode blocks; the engine then captures CUDA graphs of them
         self.slots = self._slots(float(param("kv_cache_free_gpu_mem_fraction", "0.9")))

@@ -172,6 +172,7 @@ def run_stages(hub, spec: BuildSpec, plan: Plan, out, until, target, force, t0, 
     manifest = {
         "trtqwen": __version__,
         "target": target,
+        "target_name": TARGETS[target],
         "spec": spec.to_dict(),
         "plan": {k: plan.to_dict()[k] for k in ("kv_cache_free_gpu_mem_fraction", "kv_tokens", "concurrent_sequences",
                                                  "weight_bytes_per_gpu", "predicted_peak_bytes_per_gpu",

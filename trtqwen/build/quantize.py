@@ -21,7 +21,7 @@ from typing import Callable
 from trtqwen.build import smoothquant
 from trtqwen.build.calib import load_calibration_texts
 from trtqwen.errors import UserError
-from trtqwen.qwen_tokenizer import load_tokenizer
+from trtqwen.qwen_tokenizer import EOS_ID, PAD_ID, load_tokenizer
 from trtqwen.files import publishing
 from trtqwen.shape import ModelShape, check_tp
 from trtqwen.build.spec import BuildSpec, KvDtype, Precision
@@ -367,7 +367,6 @@ def write_hf_checkpoint(model, hf_dir: Path, spec: BuildSpec, out_dir: Path, pro
     from modelopt.torch.export import export_hf_checkpoint
 
     say = progress or (lambda msg: None)
-    check_hf_format(spec)
     say(f"exporting the unified HF checkpoint ({spec.quant_algo or spec.dtype})")
     t0 = time.perf_counter()
     with publishing(out_dir) as tmp:
@@ -381,9 +380,6 @@ def write_hf_checkpoint(model, hf_dir: Path, spec: BuildSpec, out_dir: Path, pro
             "hf_files": {p.name: p.stat().st_size for p in sorted(out_dir.iterdir())}}
 
 
-QWEN_STOP_IDS = [151645, 151643]  # <|im_end|> ends a chat turn, <|endoftext|> a text
-
-
 def stop_ids_in_generation_config(d: Path) -> None:
     """TensorRT-LLM's PyTorch backend stops on generation_config.json's eos_token_id: list both Qwen2.5 stop ids
     (base models' configs name only <|endoftext|>, so chat answers would run on past <|im_end|>)."""
@@ -392,5 +388,5 @@ def stop_ids_in_generation_config(d: Path) -> None:
     eos = gen.get("eos_token_id")
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     vocab = json.loads((d / "config.json").read_text())["vocab_size"]
-    gen["eos_token_id"] = eos + [i for i in QWEN_STOP_IDS if i not in eos and i < vocab]
+    gen["eos_token_id"] = eos + [i for i in (EOS_ID, PAD_ID) if i not in eos and i < vocab]  # <|im_end|>, <|endoftext|>
     f.write_text(json.dumps(gen, indent=2) + "\n")

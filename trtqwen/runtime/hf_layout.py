@@ -22,7 +22,6 @@ COLUMN = {"mlp.gate_proj": "mlp.fc", "mlp.up_proj": "mlp.gate"}
 ROW = {"self_attn.o_proj": "attention.dense", "mlp.down_proj": "mlp.proj"}
 QUANT_NAMES = {"weight_scale": "weights_scaling_factor", "input_scale": "activation_scaling_factor",
                "pre_quant_scale": "prequant_scaling_factor"}
-PACKED_INT4 = ("W4A16_AWQ",)  # weights two per byte along out: TP slices and qkv splits count half the rows
 
 
 def _linear(t: dict, src: str, dst: str, out: dict) -> None:
@@ -70,18 +69,16 @@ def to_trtllm_names(t: dict[str, torch.Tensor], shape: ModelShape) -> dict[str, 
     return out
 
 
-def rank_shard(t: dict[str, torch.Tensor], shape: ModelShape, tp: int, rank: int, quant_algo: str | None) -> dict:
+def rank_shard(t: dict[str, torch.Tensor], shape: ModelShape, tp: int, rank: int) -> dict:
     """Rank `rank`'s shard of the whole model's tensors (to_trtllm_names), laid out as its rank file would be:
     column-parallel linears split along out (fused qkv per part), row-parallel along in, the lm_head along the
     vocabulary padded to a multiple of TP; norms, the embedding and per-tensor scales stay whole on every rank."""
     if tp == 1:
         return dict(t)
-    half = 2 if quant_algo in PACKED_INT4 else 1
     out = {}
     for name, x in t.items():
         module, _, suffix = name.rpartition(".")
-        packed = suffix == "weight" and x.dtype == torch.uint8
-        rows = half if packed else 1
+        rows = 2 if suffix == "weight" and x.dtype == torch.uint8 else 1  # int4 two per byte along out
         if x.dim() == 0 or x.numel() == 1 or "layernorm" in module or module in ("transformer.ln_f",
                                                                                "transformer.vocab_embedding"):
             out[name] = x

@@ -189,7 +189,7 @@ def load_hf(path: Path, max_positions: int | None = None, tp: int = 1, rank: int
     files = sorted(Path(path).glob("*.safetensors"))
     if not files:
         raise UserError(f"{path} has no *.safetensors weights", "the runtime loads safetensors only")
-    t = rank_shard(to_trtllm_names(read_safetensors(files), ck.shape), ck.shape, tp, rank, ck.quant_algo)
+    t = rank_shard(to_trtllm_names(read_safetensors(files), ck.shape), ck.shape, tp, rank)
     model = _from_rank_tensors(t, ck, ck.shape.shard(tp, ck.precision) if tp > 1 else ck.shape, max_positions, cls)
     model.tp_size = tp
     return model

@@ -194,7 +194,7 @@ def start(repo: Path, models: list[str], host: str = "127.0.0.1", http_port: int
             raise UserError(f"port {port} on {host} is already in use",
                             "stop what uses it (`trtqwen serve --stop`?) or pick other --http-port/--grpc-port/--metrics-port")
     if launcher == "llmapi":
-        check_llmapi_runnable(repo, http_port, grpc_port, metrics_port)
+        check_llmapi_runnable(repo)
     install = install or find_tritonserver()
     log = Path(log) if log else repo / "tritonserver.log"
     cmd = server_command(install, repo, host, http_port, grpc_port, metrics_port, world_size, launcher)
@@ -329,7 +329,7 @@ def run_trtllm_serve(build_dir: Path, print_only: bool = False) -> None:
     os.execv("/bin/bash", ["bash", str(script)])
 
 
-def check_llmapi_runnable(repo: Path, http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002) -> None:
+def check_llmapi_runnable(repo: Path) -> None:
     """The llmapi model is NVIDIA's code on TensorRT-LLM's PyTorch backend: refuse, saying where it runs, what is
     missing here (the launcher, mpirun, TensorRT-LLM, the model's code)."""
     missing = [what for what, ok in (

@@ -24,6 +24,20 @@ def write_checkpoint(path: Path, spec: BuildSpec, hf: dict | None = None, tp: in
     return path
 
 
+def pytorch_view(build: Path, out: Path, tp: int | None = None) -> Path:
+    """A `--target both` build as its `--target pytorch` twin at `out` (its HF checkpoint and tokenizer linked, the
+    TensorRT-LLM checkpoint left out), planned for TP `tp` (default the build's): an HF checkpoint splits at load."""
+    out.mkdir()
+    for name in ("hf_checkpoint", "tokenizer"):
+        (out / name).symlink_to(build / name)
+    m = json.loads((build / "build.json").read_text())
+    m["target"] = "pytorch"
+    m["spec"]["tp"] = m["spec"]["tp"] if tp is None else tp
+    del m["stages"]["checkpoint"]["dir"]
+    (out / "build.json").write_text(json.dumps(m))
+    return out
+
+
 def checkpoint_factory(model_dir: Path, root: Path, **calib):
     """get(precision, tp, kv="auto") → a TensorRT-LLM checkpoint of model_dir: each (precision, kv) is calibrated
     once (on the CPU), each TP size written once from that quantized model, as the build would write it."""

@@ -124,19 +124,12 @@ def test_served_hf_checkpoint_answers_as_the_tensorrt_llm_path(both, tmp_path, p
     resmooths gate/up onto one scale, so its values differ): the served TP ranks give the in-process model's tokens."""
     from conftest import serving
 
+    from tests.checkpoints import pytorch_view
     from trtqwen.qwen_tokenizer import load_tokenizer
     from trtqwen.serve.repo import generate_repo
 
     src = both(precision)
-    build = tmp_path / "b"  # the same build at TP `tp`: its HF checkpoint is split at load, whatever TP was planned
-    build.mkdir()
-    for name in ("hf_checkpoint", "tokenizer"):
-        (build / name).symlink_to(src / name)
-    m = json.loads((src / "build.json").read_text())
-    m["spec"]["tp"], m["target"] = tp, "pytorch"
-    del m["stages"]["checkpoint"]["dir"]
-    (build / "build.json").write_text(json.dumps(m))
-    repo = generate_repo(build, tmp_path / "repo", runtime="torch")
+    repo = generate_repo(pytorch_view(src, tmp_path / "b", tp), tmp_path / "repo", runtime="torch")
     prompts = ("Hello, who are you?", "你好，世界")
     with serving(repo, models=("ensemble",)) as (_, http, _):
         served = [stream(http, p) for p in prompts]

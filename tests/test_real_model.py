@@ -3,8 +3,6 @@
 Marked `real`: `make test-real` runs them (not `make test`: the model takes ~2 min to make and each build minutes).
 """
 
-import json
-
 import pytest
 
 from trtqwen.build.pipeline import run_build
@@ -176,17 +174,12 @@ def test_hf_checkpoints_pass_the_trained_thresholds(built_both, real_dir, precis
 def test_served_hf_int4_answers_as_the_tensorrt_llm_checkpoint(built_both, tmp_path_factory):
     from conftest import serving
 
+    from tests.checkpoints import pytorch_view
     from trtqwen.clients.client import GenerationParams, TritonLLMClient, chatml
     from trtqwen.serve.repo import generate_repo
 
     b, root = built_both("int4_awq"), tmp_path_factory.mktemp("real-hf-served")
-    hf_build = root / "hf"  # the same build, packaged from its HF checkpoint
-    hf_build.mkdir()
-    for name in ("hf_checkpoint", "tokenizer"):
-        (hf_build / name).symlink_to(b / name)
-    m = json.loads((b / "build.json").read_text())
-    del m["stages"]["checkpoint"]["dir"]
-    (hf_build / "build.json").write_text(json.dumps(m))
+    hf_build = pytorch_view(b, root / "hf")  # the same build, packaged from its HF checkpoint
     greedy, answers = GenerationParams(max_tokens=48, top_k=1), {}
     for name, build in (("hf", hf_build), ("trtllm", b)):
         repo = generate_repo(build, root / f"repo-{name}", runtime="torch")

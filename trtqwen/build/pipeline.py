@@ -33,7 +33,7 @@ from trtqwen.shape import ModelShape
 from trtqwen.versions import tool_versions
 
 STAGES = ("fetch", "checkpoint", "engine")
-TARGETS = {"engine": "TensorRT-LLM 1.2.1 engine (frozen)", "pytorch": "TensorRT-LLM PyTorch backend (llmapi, trtllm-serve)",
+TARGET_NAMES = {"engine": "TensorRT-LLM 1.2.1 engine (frozen)", "pytorch": "TensorRT-LLM PyTorch backend (llmapi, trtllm-serve)",
            "both": "both"}
 CHECKPOINT_DIRS = {"engine": ["checkpoint"], "pytorch": ["hf_checkpoint"], "both": ["checkpoint", "hf_checkpoint"]}
 
@@ -120,7 +120,7 @@ def run_build(spec: BuildSpec, *, out: Path | None = None, until: str = "engine"
     console = console or Console()
     if until not in STAGES:
         raise UserError(f"unknown stage {until!r} for --until", f"use one of {', '.join(STAGES)}")
-    if target not in TARGETS:
+    if target not in TARGET_NAMES:
         raise UserError(f"unknown target {target!r}", "use engine (TensorRT-LLM 1.2.1), pytorch (its PyTorch backend) or both")
     if target != "engine":
         from trtqwen.build.quantize import check_hf_format
@@ -172,7 +172,7 @@ def run_stages(hub, spec: BuildSpec, plan: Plan, out, until, target, force, t0, 
     manifest = {
         "trtqwen": __version__,
         "target": target,
-        "target_name": TARGETS[target],
+        "target_name": TARGET_NAMES[target],
         "spec": spec.to_dict(),
         "plan": {k: plan.to_dict()[k] for k in ("kv_cache_free_gpu_mem_fraction", "kv_tokens", "concurrent_sequences",
                                                  "weight_bytes_per_gpu", "predicted_peak_bytes_per_gpu",

@@ -33,14 +33,14 @@ help:
 
 install: $(STAMP) chromium
 
-# Debian's chromium for the web demo's browser tests (never `playwright install`), and a small CJK font
-# so Chinese renders in their screenshots.
+# Debian's chromium for the web demo's browser tests (never `playwright install`), a small CJK font
+# so Chinese renders in their screenshots, and nginx: the load balancer in front of replicas (`package --replicas`).
 CJK_FONT := /usr/share/fonts/truetype/wqy/wqy-microhei.ttc
 chromium:
-	@{ test -x /usr/bin/chromium && test -f $(CJK_FONT); } || { \
+	@{ test -x /usr/bin/chromium && test -f $(CJK_FONT) && test -x /usr/sbin/nginx; } || { \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO="sudo -n"; \
 	  else echo "need root (or sudo) to apt-get install chromium"; exit 1; fi; \
-	  $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium fonts-wqy-microhei; }
+	  $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium fonts-wqy-microhei nginx; }
 
 # Re-run only when the dependency lists change: quick and idempotent otherwise.
 $(STAMP): pyproject.toml constraints.txt

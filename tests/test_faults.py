@@ -123,7 +123,7 @@ def test_supervisor_judges_stubs_by_pid_not_by_reading_their_command_line(monkey
     assert supervisor.alive(live.pid) and not supervisor.alive(dead.pid) and not supervisor.alive(zombie.pid)
 
     scans = iter([{"m": [live.pid]}, {}, {}, {}])  # the first scan sees the stub, later scans do not
-    monkeypatch.setattr(supervisor, "stubs", lambda repo: next(scans, {}))
+    monkeypatch.setattr(supervisor, "stubs", lambda repo, server_pid=None: next(scans, {}))
     monkeypatch.setattr(supervisor, "_get", lambda url: 200)
     reloads = []
     monkeypatch.setattr(supervisor, "reload", lambda base, model: reloads.append(model) or "reloaded")

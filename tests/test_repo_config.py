@@ -222,7 +222,7 @@ def test_values_come_from_build_json(tmp_path):
 
 def test_options_override_the_build(build, tmp_path):
     repo = generate_repo(build, tmp_path / "repo", max_batch_size=8, kv_cache_free_gpu_mem_fraction=0.5,
-                         streaming=False, instances=2)
+                         streaming=False, replicas=2, layout="instances")
     cfgs = configs(repo)
     assert cfgs["ensemble"].max_batch_size == 8
     p = params(cfgs["tensorrt_llm"])
@@ -234,7 +234,7 @@ def test_options_override_the_build(build, tmp_path):
 
 def test_trtllm_instances_use_orchestrator_gpu_groups(tmp_path):
     b = make_build(tmp_path / "b", spec={"tp": 2}, engine="1.2.1")
-    repo = generate_repo(b, tmp_path / "repo", runtime="trtllm", instances=2, serving={"tensorrt_llm": "1.2.1"})
+    repo = generate_repo(b, tmp_path / "repo", runtime="trtllm", replicas=2, layout="instances", serving={"tensorrt_llm": "1.2.1"})
     assert params(configs(repo)["tensorrt_llm"])["gpu_device_ids"] == "0,1;2,3"
     record = read_record(repo)
     assert record["serve"]["world_size"] == 1 and record["serve"]["env"] == {"TRTLLM_ORCHESTRATOR": "1"}
@@ -379,7 +379,7 @@ def test_model_yaml_is_pure_settings():
     from trtqwen.serve.repo.settings import RepoSettings
 
     s = RepoSettings(runtime="llmapi", max_batch_size=4, max_input_len=8, max_seq_len=16, max_num_tokens=32, tp=1,
-                     instances=1, kv_cache_free_gpu_mem_fraction=0.5, streaming=False, model_dir="/m",
+                     gpu_groups=((0,),), layout="instances", kv_cache_free_gpu_mem_fraction=0.5, streaming=False, model_dir="/m",
                      tokenizer_dir="/t", end_id=1, pad_id=2)
     y = model_yaml(s)
     assert y["triton_config"] == {"max_batch_size": 0, "decoupled": False} and y["model"] == "/m"

@@ -162,7 +162,11 @@ def package(
     out: Path = typer.Option(Path("model_repo"), "--out", "-o", help="model repository to write"),
     runtime: str = typer.Option("torch", help="trtllm (engines, C++ backend, 4090D box), llmapi (TensorRT-LLM PyTorch backend) or torch (reference runtime, runs anywhere)"),
     max_batch_size: Optional[int] = typer.Option(None, help="default: the build's"),
-    instances: int = typer.Option(1, help="model instances of tensorrt_llm (TP-1 copies on more GPUs)"),
+    replicas: int = typer.Option(1, help="copies of the model, each on its own GPU(s) (`trtqwen plan` says how many)"),
+    gpus: Optional[str] = typer.Option(None, help="GPU ids of the replicas, tp per replica: 0,1,2,3 (default); "
+                                                  "0,0 puts two copies on GPU 0"),
+    layout: str = typer.Option("servers", help="servers: one tritonserver per replica, nginx in front (`serve` starts "
+                                               "both); instances: one tritonserver, one model instance per replica"),
     kv_cache_free_gpu_mem_fraction: Optional[float] = typer.Option(None, help="default: from the build's plan"),
     streaming: bool = typer.Option(True, "--streaming/--no-streaming", help="decoupled (streaming) models"),
     force: bool = typer.Option(False, help="replace an existing repository"),
@@ -170,7 +174,8 @@ def package(
     """Write a Triton model repository (ensemble, preprocessing, tensorrt_llm, postprocessing, tensorrt_llm_bls)."""
     from trtqwen.serve.repo import generate_repo, read_record
 
-    path = generate_repo(build_dir, out, runtime=runtime, max_batch_size=max_batch_size, instances=instances,
+    path = generate_repo(build_dir, out, runtime=runtime, max_batch_size=max_batch_size, replicas=replicas, gpus=gpus,
+                         layout=layout,
                          kv_cache_free_gpu_mem_fraction=kv_cache_free_gpu_mem_fraction, streaming=streaming, force=force)
     record = read_record(path)
     console.print(f"model repository ({record['runtime']} runtime) at [bold]{path}[/]")
@@ -192,6 +197,8 @@ def serve(
     print_command: bool = typer.Option(False, "--print-command", help="show the exact command (and the container one) and exit"),
     timeout: float = typer.Option(300, help="seconds to wait for the server and every model to be ready"),
     openai_port: Optional[int] = typer.Option(None, help="also serve an OpenAI-compatible API on this port (foreground)"),
+    replica_port_base: Optional[int] = typer.Option(None, help="replicas of the servers layout listen from here, 3 "
+                                                                "ports each (default: HTTP port + 100)"),
     engine: str = typer.Option("tritonserver", help="tritonserver (a model repository), or trtllm-serve (TensorRT-LLM's "
                                                     "OpenAI server on a --target pytorch build directory; GPU box)"),
 ):
@@ -206,15 +213,22 @@ def serve(
 
     if stop:
         state = server.stop(model_repo)
-        console.print(f"stopped tritonserver (pid {state['pid']})" if state else "no server was running for this repository")
+        console.print(f"stopped (pid {state['pid']})" if state else "no server was running for this repository")
         return
     if print_command:
         for line in server.describe_commands(model_repo, host, http_port, grpc_port, metrics_port):
             print(line)
         return
-    state = server.serve_repo(model_repo, host, http_port, grpc_port, metrics_port, log, timeout)
-    console.print(f"tritonserver ready ({state['server']})\n  HTTP    http://{host}:{http_port}\n"
-                  f"  gRPC    {host}:{grpc_port}\n  metrics http://{host}:{metrics_port}/metrics\n  log     {state['log']}")
+    state = server.serve_repo(model_repo, host, http_port, grpc_port, metrics_port, log, timeout, replica_port_base)
+    if "replicas" in state:
+        console.print(f"{len(state['replicas'])} tritonservers ready behind nginx (least connections)\n"
+                      f"  HTTP    http://{host}:{http_port}\n  gRPC    {host}:{grpc_port}\n  log     {state['log']}")
+        for r in state["replicas"]:
+            console.print(f"  {r['name']}: GPUs {r['gpus']}, gRPC :{r['grpc_port']}, metrics "
+                          f"http://{host}:{r['metrics_port']}/metrics")
+    else:
+        console.print(f"tritonserver ready ({state['server']})\n  HTTP    http://{host}:{http_port}\n"
+                      f"  gRPC    {host}:{grpc_port}\n  metrics http://{host}:{metrics_port}/metrics\n  log     {state['log']}")
     if background:
         console.print(f"stop it with: [bold]trtqwen serve {model_repo} --stop[/]")
         return

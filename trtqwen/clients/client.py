@@ -45,9 +45,15 @@ def chatml(messages: list[dict], system: str | None = DEFAULT_SYSTEM, add_genera
 
 # Own subchannels and a short reconnect backoff: gRPC otherwise shares one backoff (up to 120 s) between every
 # channel to a server that went away, and a restarted server stays unreachable to us for a minute or more.
+# Not grpc.min_reconnect_backoff_ms: gRPC takes it as the connect timeout, and at 250 ms a busy server (200 streams
+# opening at once behind nginx) failed handshakes with "timed out before receiving SETTINGS frame".
 CHANNEL_ARGS = [("grpc.use_local_subchannel_pool", 1), ("grpc.initial_reconnect_backoff_ms", 250),
-                ("grpc.min_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 1000)]
+                ("grpc.max_reconnect_backoff_ms", 1000)]
 IDLE_TIMEOUT_S = 60.0  # longest silence inside a stream: far above a prefill on the GPU, below a user's patience
+
+
+# what gRPC reports when the server (or the replica behind nginx) died with the stream open
+CUT_STREAM = ("RST_STREAM", "Stream removed", "Socket closed", "Connection reset")
 
 
 class RequestRejected(UserError):
@@ -58,6 +64,10 @@ def server_error(message: str) -> UserError:
     """A Triton error as ours: the models start client mistakes with BAD_REQUEST (gRPC streams carry no status)."""
     if BAD_REQUEST in message:
         return RequestRejected(message[message.index(BAD_REQUEST) + len(BAD_REQUEST):])
+    if any(cut in message for cut in CUT_STREAM):
+        return UserError(f"the server went away in the middle of this answer ({message})",
+                         "ask again: behind trtqwen's load balancer the request goes to a replica that is up; "
+                         "alone, restart the server (`trtqwen serve <repo>`)")
     return UserError(f"server error: {message}")
 
 

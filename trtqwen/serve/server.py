@@ -29,6 +29,12 @@ CACHE = Path(os.environ.get("TRTQWEN_CACHE", Path.home() / ".cache" / "trtqwen")
 STATE_FILE = ".trtqwen-server.json"  # in the model repository: pid, ports, log of the running server
 
 
+def named(repo: Path, filename: str, name: str = "") -> Path:
+    """repo/filename, or for one of several servers on the repository (a replica) repo/<stem>-<name><suffix>."""
+    f = Path(filename)
+    return Path(repo) / (f"{f.stem}-{name}{f.suffix}" if name else filename)
+
+
 @dataclass
 class TritonInstall:
     kind: str  # "system" or "pytriton"
@@ -178,14 +184,16 @@ def explain_log(log: Path, lines: int = 25) -> str:
 
 def start(repo: Path, models: list[str], host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 8001,
           metrics_port: int = 8002, log: Path | None = None, world_size: int = 1, timeout: float = 180,
-          install: TritonInstall | None = None, env: dict | None = None, launcher: str | None = None) -> dict:
+          install: TritonInstall | None = None, env: dict | None = None, launcher: str | None = None,
+          name: str = "") -> dict:
     """Start tritonserver in the background and wait for it and every model to be ready; returns its state.
 
-    env: more environment for the server and its models (e.g. TRTQWEN_PROFILE_DIR)."""
+    env: more environment for the server and its models (e.g. TRTQWEN_PROFILE_DIR, CUDA_VISIBLE_DEVICES).
+    name: one of several servers on this repository (a replica): its own state file, log and supervisor."""
     repo = Path(repo)
     if not repo.is_dir():
         raise UserError(f"no model repository at {repo}", "run `trtqwen package <build dir> --out model_repo` first")
-    running = running_server(repo)
+    running = running_server(repo, name)
     if running:  # a second server would orphan the first and truncate its log
         raise UserError(f"{repo} is already served by tritonserver pid {running['pid']} (HTTP {running['http_port']}, "
                         f"gRPC {running['grpc_port']})", f"stop it first: trtqwen serve {repo} --stop")
@@ -196,7 +204,7 @@ def start(repo: Path, models: list[str], host: str = "127.0.0.1", http_port: int
     if launcher == "llmapi":
         check_llmapi_runnable(repo)
     install = install or find_tritonserver()
-    log = Path(log) if log else repo / "tritonserver.log"
+    log = Path(log) if log else named(repo, "tritonserver.log", name)
     cmd = server_command(install, repo, host, http_port, grpc_port, metrics_port, world_size, launcher)
     if world_size > 1 and not shutil.which("mpirun"):
         raise UserError("tensor parallel serving needs mpirun", "install OpenMPI (it comes with NVIDIA's TensorRT-LLM container)")
@@ -206,16 +214,16 @@ def start(repo: Path, models: list[str], host: str = "127.0.0.1", http_port: int
     base = f"http://{host}:{http_port}"
     try:
         wait_ready(proc, base, models, log, timeout)
-        supervisor = start_supervisor(repo, base, proc.pid) if world_size == 1 and not launcher else None
+        supervisor = start_supervisor(repo, base, proc.pid, name) if world_size == 1 and not launcher else None
     except BaseException:
         stop_process(proc.pid)
         raise
     state = {"pid": proc.pid, "started": process_start(proc.pid), "host": host, "http_port": http_port,
              "grpc_port": grpc_port, "metrics_port": metrics_port, "log": str(log.resolve()),
-             "server": install.describe(), "command": cmd,
+             "server": install.describe(), "command": cmd, "name": name,
              "supervisor": None if supervisor is None else {"pid": supervisor.pid,
                                                              "started": process_start(supervisor.pid)}}
-    (repo / STATE_FILE).write_text(json.dumps(state, indent=2))
+    named(repo, STATE_FILE, name).write_text(json.dumps(state, indent=2))
     return state
 
 
@@ -242,10 +250,10 @@ def stop_process(pid: int, timeout: float = 15) -> bool:
     return True
 
 
-def start_supervisor(repo: Path, base: str, server_pid: int, timeout: float = 60) -> subprocess.Popen:
+def start_supervisor(repo: Path, base: str, server_pid: int, name: str = "", timeout: float = 60) -> subprocess.Popen:
     """trtqwen.serve.supervisor next to the server (it ends with it, or `stop` ends it), once it has counted the stubs:
     a stub that died before that would never be missed."""
-    log = repo / "supervisor.log"
+    log = named(repo, "supervisor.log", name)
     with log.open("w") as out:
         supervisor = subprocess.Popen([sys.executable, "-m", "trtqwen.serve.supervisor", str(repo), base, str(server_pid)],
                                       stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -272,9 +280,9 @@ def same_process(record: dict) -> bool:
     return record.get("started") is not None and process_start(record["pid"]) == record["started"]
 
 
-def running_server(repo: Path) -> dict | None:
+def running_server(repo: Path, name: str = "") -> dict | None:
     """The state of the server started for repo if that very process still runs; a stale record is removed."""
-    state_path = Path(repo) / STATE_FILE
+    state_path = named(repo, STATE_FILE, name)
     if not state_path.is_file():
         return None
     state = json.loads(state_path.read_text())
@@ -284,15 +292,20 @@ def running_server(repo: Path) -> dict | None:
     return None
 
 
-def stop(repo: Path) -> dict | None:
+def stop(repo: Path, name: str = "") -> dict | None:
     """Stop the server started for repo; None when none runs (a stale record is dropped, its pid left alone)."""
-    state = running_server(repo)
+    if not name:
+        from trtqwen.serve import fleet
+
+        if fleet.running_fleet(repo):
+            return fleet.stop(repo)
+    state = running_server(repo, name)
     if state is None:
         return None
     stop_process(state["pid"])
     if state.get("supervisor") and same_process(state["supervisor"]):
         stop_process(state["supervisor"]["pid"], timeout=5)
-    (Path(repo) / STATE_FILE).unlink(missing_ok=True)
+    named(repo, STATE_FILE, name).unlink(missing_ok=True)
     return state
 
 
@@ -303,10 +316,17 @@ def _record(repo: Path) -> dict:
 
 
 def serve_repo(repo: Path, host: str, http_port: int, grpc_port: int, metrics_port: int, log: Path | None,
-               timeout: float) -> dict:
-    """Check the repository's records (engine version vs serving one), then start and wait for every model."""
+               timeout: float, replica_port_base: int | None = None) -> dict:
+    """Check the repository's records (engine version vs serving one), then start and wait for every model: one
+    tritonserver, or for the servers layout one per replica (from replica_port_base, default HTTP port + 100) with
+    nginx on the front ports."""
     record = _record(repo)
     plan = record.get("serve", {})
+    if len(plan.get("servers", [])) > 1:
+        from trtqwen.serve import fleet
+
+        ports = fleet.port_block(replica_port_base or http_port + 100, len(plan["servers"]))
+        return fleet.start(repo, plan, host, http_port, grpc_port, ports, timeout)
     os.environ.update(plan.get("env", {}))
     return start(repo, plan.get("models", []), host, http_port, grpc_port, metrics_port, log,
                  plan.get("world_size", 1), timeout, launcher=plan.get("launcher"))

@@ -34,12 +34,20 @@ def processes():
                 continue
 
 
-def stubs(repo: Path) -> dict[str, list[int]]:
-    """Live python-backend stubs per model of repo (a stub's command line names its model.py's path)."""
+def parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def stubs(repo: Path, server_pid: int | None = None) -> dict[str, list[int]]:
+    """Live python-backend stubs per model of repo (a stub's command line names its model.py's path), of the server
+    server_pid only when given (replicas serve one repository: the stubs are tritonserver's children)."""
     root = str(Path(repo).resolve()).encode() + b"/"
     found: dict[str, list[int]] = defaultdict(list)
     for pid, cmd in processes():
-        if cmd[0].endswith(STUB):
+        if cmd[0].endswith(STUB) and (server_pid is None or parent(pid) == server_pid):
             arg = next((a for a in cmd[1:] if a.startswith(root)), None)  # None: another server's stub
             if arg is not None:
                 found[arg[len(root):].split(b"/")[0].decode()].append(pid)
@@ -86,7 +94,7 @@ def describe(pid: int) -> str:
 
 
 def supervise(repo: Path, base: str, server_pid: int, say=print) -> None:
-    known = dict(stubs(repo))  # model → its stubs' pids; every model is ready by now
+    known = dict(stubs(repo, server_pid))  # model → its stubs' pids; every model is ready by now
     say(f"watching { {m: len(p) for m, p in known.items()} } under {repo}")
     for model, pids in known.items():
         for p in pids:
@@ -99,10 +107,10 @@ def supervise(repo: Path, base: str, server_pid: int, say=print) -> None:
                 say(f"{model}: {len(gone)} of {len(pids)} stub(s) gone; loading it again")
                 for p in gone:
                     say(f"  gone: {describe(p)}")
-                for p in stubs(repo).get(model, []):
+                for p in stubs(repo, server_pid).get(model, []):
                     say(f"  stubs now: {describe(p)}")
                 say(f"{model}: {reload(base, model)}")
-                known[model] = stubs(repo).get(model, [])  # the fresh stubs
+                known[model] = stubs(repo, server_pid).get(model, [])  # the fresh stubs
         time.sleep(INTERVAL_S)
 
 

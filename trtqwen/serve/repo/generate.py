@@ -69,7 +69,8 @@ def _tokenizer_dir(build_dir: Path, manifest: dict) -> Path:
 
 
 def generate_repo(build_dir: Path, out: Path, runtime: str = "torch", max_batch_size: int | None = None,
-                  instances: int = 1, kv_cache_free_gpu_mem_fraction: float | None = None, streaming: bool = True,
+                  replicas: int = 1, gpus: str | None = None, layout: str = "servers",
+                  kv_cache_free_gpu_mem_fraction: float | None = None, streaming: bool = True,
                   force: bool = False, llmapi_model_src: Path | None = None, serving: dict | None = None) -> Path:
     """Write the model repository for `build_dir` into `out`; returns `out`.
 
@@ -100,7 +101,8 @@ def generate_repo(build_dir: Path, out: Path, runtime: str = "torch", max_batch_
         model_dir = checkpoint
     check_output(out, force)
     settings = resolve_settings(build_dir, manifest, spec, runtime, model_dir, max_batch_size=max_batch_size,
-                                instances=instances, kv_cache_free_gpu_mem_fraction=kv_cache_free_gpu_mem_fraction,
+                                replicas=replicas, gpus=gpus, layout=layout,
+                                kv_cache_free_gpu_mem_fraction=kv_cache_free_gpu_mem_fraction,
                                 streaming=streaming)
 
     with publishing(out) as tmp:

@@ -17,6 +17,9 @@ from trtqwen.build.spec import BuildSpec
 from trtqwen.qwen_tokenizer import EOS_ID, EOS_TOKEN, PAD_ID, PAD_TOKEN
 
 RUNTIMES = ("torch", "trtllm", "llmapi")
+# Replicas of the model: instances of tensorrt_llm in one tritonserver (tensorrtllm_backend's multi-instance mode),
+# or one tritonserver per replica behind a load balancer (`trtqwen serve` starts nginx in front).
+LAYOUTS = ("instances", "servers")
 # Qwen2.5: <|im_end|> ends an assistant turn, <|endoftext|> pads (FACTS §2); used when the tokenizer lacks them.
 
 
@@ -28,8 +31,9 @@ class RepoSettings:
     max_seq_len: int
     max_num_tokens: int
     tp: int
-    instances: int
+    gpu_groups: tuple[tuple[int, ...], ...]  # the GPUs of each replica, tp each (a GPU may repeat: two copies on one)
     kv_cache_free_gpu_mem_fraction: float
+    layout: str
     streaming: bool  # decoupled tensorrt_llm / tensorrt_llm_bls: one response per token
     model_dir: str  # engine dir (trtllm), TRT-LLM or HF checkpoint (torch), HF checkpoint (llmapi)
     tokenizer_dir: str
@@ -48,9 +52,23 @@ class RepoSettings:
     trtqwen_src: str = ""  # where the torch model finds `trtqwen` if it is not installed in the stub's Python
 
     @property
+    def instances(self) -> int:
+        """Model instances of tensorrt_llm in one tritonserver."""
+        return len(self.gpu_groups) if self.layout == "instances" else 1
+
+    @property
     def gpu_device_ids(self) -> str:
-        """One group of `tp` GPUs per instance, groups separated by ';' (tensorrtllm_backend's format)."""
-        return ";".join(",".join(str(i * self.tp + j) for j in range(self.tp)) for i in range(self.instances))
+        """One group of `tp` GPUs per instance, groups separated by ';' (tensorrtllm_backend's format). A server of
+        the servers layout sees only its own group (CUDA_VISIBLE_DEVICES), as GPUs 0..tp-1."""
+        groups = self.gpu_groups if self.layout == "instances" else [range(self.tp)]
+        return ";".join(",".join(str(g) for g in group) for group in groups)
+
+    @property
+    def servers(self) -> list[dict]:
+        """The tritonservers `serve` starts: one for the instances layout, one per replica for the servers layout."""
+        if self.layout == "instances":
+            return [{"gpus": sorted({g for group in self.gpu_groups for g in group})}]
+        return [{"gpus": list(group)} for group in self.gpu_groups]
 
     @property
     def world_size(self) -> int:
@@ -120,9 +138,28 @@ def read_build_spec(build_dir: Path, manifest: dict) -> BuildSpec:
     return BuildSpec.from_dict(raw)
 
 
+def gpu_groups(replicas: int, tp: int, gpus: str | None = None) -> tuple[tuple[int, ...], ...]:
+    """`replicas` groups of `tp` GPU ids from `gpus` ("0,1,2,3"; default 0..replicas*tp-1)."""
+    if replicas < 1:
+        raise UserError(f"replicas must be at least 1, got {replicas}")
+    try:
+        ids = list(range(replicas * tp)) if gpus is None else [int(g) for g in str(gpus).split(",") if g.strip()]
+    except ValueError:
+        raise UserError(f"--gpus {gpus!r} is not a list of GPU ids", "give them comma-separated, e.g. --gpus 0,1,2,3")
+    if len(ids) != replicas * tp or min(ids) < 0:
+        raise UserError(f"{replicas} replica(s) at TP {tp} need {replicas * tp} GPU ids, got --gpus {gpus}",
+                        f"give {replicas * tp} ids (a replica's {tp} in a row); repeat one to put two copies on a GPU "
+                        "(--gpus 0,0)")
+    groups = tuple(tuple(ids[i * tp:(i + 1) * tp]) for i in range(replicas))
+    bad = [g for g in groups if len(set(g)) != tp]
+    if bad:
+        raise UserError(f"a TP {tp} replica needs {tp} different GPUs, got {bad[0]}", "list each replica's GPUs once")
+    return groups
+
+
 def resolve_settings(build_dir: Path, manifest: dict, spec: BuildSpec, runtime: str, model_dir: Path, *,
-                     max_batch_size: int | None,
-                     instances: int, kv_cache_free_gpu_mem_fraction: float | None, streaming: bool) -> RepoSettings:
+                     max_batch_size: int | None, replicas: int = 1, gpus: str | None = None, layout: str = "servers",
+                     kv_cache_free_gpu_mem_fraction: float | None, streaming: bool) -> RepoSettings:
     """Settings from build.json's spec and plan; an option given explicitly wins over the build's value."""
     plan = manifest.get("plan") or {}
     batch = spec.max_batch_size if max_batch_size is None else max_batch_size
@@ -131,8 +168,13 @@ def resolve_settings(build_dir: Path, manifest: dict, spec: BuildSpec, runtime: 
     if runtime == "trtllm" and batch > spec.max_batch_size:
         raise UserError(f"max_batch_size {batch} is larger than the {spec.max_batch_size} the engine was built for",
                         f"use --max-batch-size {spec.max_batch_size} or less, or rebuild with a larger one")
-    if instances < 1:
-        raise UserError(f"instances must be at least 1, got {instances}")
+    if layout not in LAYOUTS:
+        raise UserError(f"unknown layout {layout!r}", "use instances (one tritonserver) or servers (one per replica, "
+                                                      "nginx in front)")
+    groups = gpu_groups(replicas, spec.tp, gpus)
+    if runtime == "llmapi" and len(groups) > 1 and layout == "instances":
+        raise UserError("the llmapi model runs one instance per tritonserver",
+                        "use --layout servers for its replicas (one tritonserver per replica behind nginx)")
     fraction = plan.get("kv_cache_free_gpu_mem_fraction", 0.9) if kv_cache_free_gpu_mem_fraction is None \
         else kv_cache_free_gpu_mem_fraction
     if not 0 < fraction <= 1:
@@ -144,7 +186,7 @@ def resolve_settings(build_dir: Path, manifest: dict, spec: BuildSpec, runtime: 
     return RepoSettings(
         runtime=runtime, max_batch_size=int(batch), max_input_len=spec.max_input_len,
         max_seq_len=spec.max_seq_len, max_num_tokens=spec.max_num_tokens, tp=spec.tp,
-        instances=int(instances), kv_cache_free_gpu_mem_fraction=float(fraction), streaming=bool(streaming),
+        gpu_groups=groups, layout=layout, kv_cache_free_gpu_mem_fraction=float(fraction), streaming=bool(streaming),
         model_dir=str(model_dir.resolve()), tokenizer_dir=str(tokenizer_dir), end_id=end_id, pad_id=pad_id,
         enable_kv_cache_reuse=paged, enable_chunked_context=paged,
         trtqwen_src=str(Path(__file__).resolve().parents[3]),

@@ -62,13 +62,15 @@ serving_venv() {
   done
   printf '%s\n' "$WORK/site" "$WORK/machine-site" >"$site/trtqwen-serve.pth"
 }
-if has served; then
+if has served || has served-setup; then  # served-setup: only the server and its venv (bench/replicas_gpu.sh)
   [ -d "$WORK/tritonserver" ] || { mkdir -p "$WORK/tritonserver" && tar -xJf bench/.serve/tsb.tar.xz -C "$WORK/tritonserver"; }
   serving_venv "$WORK/venv-serve"
+fi
+if has served; then
   export TRTQWEN_TRITONSERVER="$WORK/tritonserver"
   TRT="$WORK/venv-serve/bin/python -m trtqwen.cli"
   for p in $PRECISIONS; do
     TRT="$TRT" bash bench/served_levels.sh "$WORK/repo-$p" "$WORK/build-$p/tokenizer" "$RESULTS/served-$p"
   done
 fi
-python3 bench/gpu_table.py "$RESULTS"
+has served-setup || python3 bench/gpu_table.py "$RESULTS"

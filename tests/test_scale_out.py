@@ -182,3 +182,47 @@ def test_http_streaming_passes_through_nginx(three):
     with urllib.request.urlopen(req, timeout=60) as r:
         events = [json.loads(line[5:]) for line in r.read().decode().splitlines() if line.startswith("data:")]
     assert len(events) >= 2 and all("text_output" in e for e in events)  # SSE events, one per token, unbuffered
+
+
+# --- which layout for the box (plan --gpus) --------------------------------------------------------------------------
+def box(gpus, precision="int4_awq", gpu="rtx4090d", latency=False, **custom):
+    from trtqwen.build import box_plan
+    from trtqwen.build.plan import shape_and_gpu
+    from trtqwen.build.spec import BuildSpec
+
+    shape, profile = shape_and_gpu(None, gpu, **custom)
+    spec = BuildSpec(model="Qwen/Qwen2.5-7B-Instruct", precision=precision, tp=1, gpu=gpu, max_seq_len=4096,
+                     max_batch_size=32, max_input_len=2048, max_num_tokens=8192)
+    layouts = box_plan.box_layouts(shape, profile, spec, gpus)
+    return layouts, box_plan.recommend(layouts, latency), box_plan.commands(box_plan.recommend(layouts, latency) or
+                                                                            layouts[0], gpus, spec)
+
+
+def test_plan_recommends_one_replica_per_card_when_the_model_fits_one():
+    layouts, best, cmds = box(4)
+    assert [(lay.replicas, lay.tp) for lay in layouts] == [(4, 1), (2, 2), (1, 4)]
+    assert (best.replicas, best.tp) == (4, 1)
+    assert best.total_tok_s > 2 * max(lay.total_tok_s for lay in layouts if lay.tp > 1)  # no all-reduce over PCIe
+    assert "--tp 1" in cmds[0] and "--replicas 4 --gpus 0,1,2,3 --layout servers" in cmds[1]
+    one, _, one_cmds = box(1)
+    assert best.total_tok_s == pytest.approx(4 * one[0].total_tok_s) and "--replicas" not in one_cmds[1]
+    _, fastest, _ = box(4, latency=True)  # single-stream latency: TP wins that
+    assert fastest.tp == 4 and fastest.single_stream_tok_s > best.single_stream_tok_s
+
+
+def test_plan_takes_tp_only_when_one_card_cannot_hold_the_model():
+    layouts, best, cmds = box(2, precision="bf16", gpu="custom", memory_gib=12, bandwidth_gbs=900, tflops=150)
+    assert not layouts[0].fits and "exceed" in layouts[0].why_not  # 15 GB of bf16 weights on a 12 GiB card
+    assert (best.replicas, best.tp) == (1, 2) and "--tp 2" in cmds[0] and "--replicas" not in cmds[1]
+
+
+def test_plan_cli_prints_the_box_as_json():
+    from typer.testing import CliRunner
+
+    from trtqwen.cli import app
+
+    r = CliRunner().invoke(app, ["plan", "--precision", "int4", "--gpus", "2", "--target", "engine", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["plan"]["tp"] == 1 and out["box"]["recommended"]["replicas"] == 2
+    assert out["box"]["recommended"]["commands"][1].endswith("--replicas 2 --gpus 0,1 --layout servers")

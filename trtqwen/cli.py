@@ -80,6 +80,8 @@ def plan(
     bandwidth_gbs: Optional[float] = typer.Option(None, help="custom GPU: memory bandwidth in GB/s"),
     tflops: Optional[float] = typer.Option(None, help="custom GPU: dense FP16 tensor TFLOPS"),
     target: str = typer.Option("both", help="engine (TensorRT-LLM 1.2.1), pytorch (its PyTorch backend) or both"),
+    gpus: Optional[int] = typer.Option(None, help="GPUs in the box: also say which replicas × TP layout to serve it with"),
+    latency: bool = typer.Option(False, help="with --gpus: choose for the fastest single stream, not the most tok/s"),
     as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
 ):
     """Memory and speed model: does it fit, how many users, how fast — before you build anything."""
@@ -92,13 +94,23 @@ def plan(
     targets = planning.TARGETS if target == "both" else (target,)
     plans = {t: planning.plan_from_options(model, gpu, spec, prompt_len, kv_fraction, memory_gib, bandwidth_gbs, tflops, t)
              for t in targets}
+    out = {t: p.to_dict() for t, p in plans.items()}
+    out = out if len(out) > 1 else out[targets[0]]
+    if gpus is not None:  # the box: replicas of TP-t copies, for the first target asked
+        from trtqwen.build import box_plan
+
+        shape, profile = planning.shape_and_gpu(model, gpu, memory_gib, bandwidth_gbs, tflops)
+        layouts = box_plan.box_layouts(shape, profile, spec, gpus, prompt_len, kv_fraction, targets[0])
+        best = box_plan.recommend(layouts, latency)
+        out = {"plan": out, "box": box_plan.to_dict(layouts, best, gpus, spec)}
     if as_json:
-        out = {t: p.to_dict() for t, p in plans.items()}
-        print(json.dumps(out if len(out) > 1 else out[targets[0]], indent=2))
+        print(json.dumps(out, indent=2))
     else:
         for p in plans.values():
             console.print(planning.plan_table(p))
-    if not any(p.fits for p in plans.values()):
+        if gpus is not None:
+            console.print(box_plan.box_table(layouts, best, gpus, profile.name, spec))
+    if not any(p.fits for p in plans.values()) and (gpus is None or best is None):
         raise typer.Exit(1)
 
 

@@ -114,6 +114,8 @@ class Plan:
     decode_estimate_tok_s: float
     ttft_estimate_s: float
     allreduce_per_decode_step_s: float
+    weight_read_s: float  # of one decode step: every weight read once, whatever the batch
+    kv_read_s_per_stream: float  # of one decode step: each stream's context read once (at prompt_len)
     fits: bool
     reasons: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -158,7 +160,9 @@ def make_plan(shape: ModelShape, gpu: GpuProfile, spec: BuildSpec, prompt_len: i
     step_ar = allreduce_seconds(gpu, tp, 1, shape, 2 * shape.num_layers)
     kv_read = kv_tok * prompt_len  # attention reads the context's KV each step
     efficiency = PYTORCH_DECODE_EFFICIENCY if pytorch else DECODE_EFFICIENCY
-    step = (read_per_token + kv_read) / (gpu.bandwidth_gbs * 1e9 * efficiency) + step_ar
+    weight_read_s = read_per_token / (gpu.bandwidth_gbs * 1e9 * efficiency)
+    kv_read_s = kv_read / (gpu.bandwidth_gbs * 1e9 * efficiency)
+    step = weight_read_s + kv_read_s + step_ar
     estimate = 1.0 / step
 
     flops = 2 * shape.non_embedding_params * prompt_len + 2 * shape.num_layers * prompt_len**2 * shape.q_size
@@ -213,7 +217,7 @@ def make_plan(shape: ModelShape, gpu: GpuProfile, spec: BuildSpec, prompt_len: i
         concurrent_sequences=concurrent, gpu_memory_bytes=gpu.memory_bytes,
         predicted_peak_bytes_per_gpu=w_gpu + overhead + kv_pool, calibration_peak_bytes=calib,
         decode_ceiling_tok_s=ceiling, decode_estimate_tok_s=estimate, ttft_estimate_s=ttft,
-        allreduce_per_decode_step_s=step_ar, fits=fits, reasons=reasons, notes=notes, suggested_build=suggested,
+        allreduce_per_decode_step_s=step_ar, weight_read_s=weight_read_s, kv_read_s_per_stream=kv_read_s, fits=fits, reasons=reasons, notes=notes, suggested_build=suggested,
     )
 
 
@@ -230,9 +234,9 @@ def read_model_shape(path: Path) -> ModelShape:
     return ModelShape.from_hf(read_config(directory), name=directory.name)
 
 
-def plan_from_options(model: Path | None, gpu: str, spec: BuildSpec, prompt_len: int = 1024, kv_fraction=None,
-                      memory_gib=None, bandwidth_gbs=None, tflops=None, target: str = "engine") -> Plan:
-    """Resolve the GPU profile and the model's shape (default: Qwen2.5-7B), then plan."""
+def shape_and_gpu(model: Path | None, gpu: str, memory_gib=None, bandwidth_gbs=None,
+                  tflops=None) -> tuple[ModelShape, GpuProfile]:
+    """The model's shape (default: Qwen2.5-7B) and the GPU profile the options name."""
     from trtqwen.build.hardware import custom_profile, get_profile
 
     if gpu == "custom":
@@ -241,8 +245,13 @@ def plan_from_options(model: Path | None, gpu: str, spec: BuildSpec, prompt_len:
         profile = custom_profile(memory_gib, bandwidth_gbs, tflops)
     else:
         profile = get_profile(gpu)
-    return make_plan(QWEN25_7B if model is None else read_model_shape(model), profile, spec, prompt_len, kv_fraction,
-                     target)
+    return (QWEN25_7B if model is None else read_model_shape(model)), profile
+
+
+def plan_from_options(model: Path | None, gpu: str, spec: BuildSpec, prompt_len: int = 1024, kv_fraction=None,
+                      memory_gib=None, bandwidth_gbs=None, tflops=None, target: str = "engine") -> Plan:
+    shape, profile = shape_and_gpu(model, gpu, memory_gib, bandwidth_gbs, tflops)
+    return make_plan(shape, profile, spec, prompt_len, kv_fraction, target)
 
 
 def plan_table(p: Plan):

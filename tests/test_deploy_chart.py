@@ -179,3 +179,20 @@ def test_bad_values_refused(chart, values, named):
     with pytest.raises(helm_python.errors.HelmError) as e:
         chart.render(values, name="demo", namespace=NS)
     assert named in str(e.value)
+
+
+def test_trtqwen_deploy_writes_validated_manifests_or_nothing(tmp_path):
+    from typer.testing import CliRunner
+
+    from trtqwen.cli import app
+
+    values = tmp_path / "v.yaml"
+    values.write_text(yaml.safe_dump({"replicaCount": 2, "bench": {"enabled": True}}))
+    out = tmp_path / "manifests"
+    r = CliRunner().invoke(app, ["deploy", "-f", str(values), "--set", "replicaCount=3", "--out", str(out),
+                                 "--namespace", NS])
+    assert r.exit_code == 0, r.output
+    deployment = yaml.safe_load((out / "triton-deployment.yaml").read_text())
+    assert deployment["spec"]["replicas"] == 3 and (out / "bench-job.yaml").is_file()  # --set wins over the file
+    bad = CliRunner().invoke(app, ["deploy", "--set", "replicaCount=0", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "replicaCount" in bad.output and not (tmp_path / "bad").exists()

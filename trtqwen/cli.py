@@ -354,6 +354,22 @@ def openai(
 
 
 @command
+def deploy(
+    values: list[Path] = typer.Option([], "--values", "-f", help="values file(s) of the chart (deploy/README.md)"),
+    set_: list[str] = typer.Option([], "--set", help="key=value, as helm's --set (e.g. replicaCount=4)"),
+    out: Path = typer.Option(Path("deploy/manifests"), "--out", "-o", help="directory for the rendered manifests"),
+    name: str = typer.Option("trtqwen", help="release name"),
+    namespace: str = typer.Option("default", help="namespace"),
+):
+    """Render the Helm chart (N one-GPU Triton pods, OpenAI proxy, HPA, bench Job) to manifests for `kubectl apply`."""
+    from trtqwen.deploy import write_manifests
+
+    files = write_manifests(values, set_, out, name, namespace)
+    console.print(f"{len(files)} manifests in [bold]{out}[/] (validated against Kubernetes schemas); apply with: "
+                  f"kubectl apply -n {namespace} -f {out}   (or: helm install {name} deploy/helm/trtqwen)")
+
+
+@command
 def verify(
     checkpoint: Path = typer.Argument(..., help="a checkpoint directory: engines/<build>/checkpoint (TensorRT-LLM) or hf_checkpoint (PyTorch backend)"),
     against: Optional[Path] = typer.Option(None, help="HF model dir to compare with (default: the build's source)"),

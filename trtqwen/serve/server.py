@@ -373,6 +373,11 @@ def describe_commands(repo: Path, host: str, http_port: int, grpc_port: int, met
     cmd = server_command(install, Path(repo), host, http_port, grpc_port, metrics_port, world, launcher)
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in install.env.items())
     lines = [f"# here ({install.describe()}):", (env + " " if env else "") + " ".join(shlex.quote(c) for c in cmd)]
+    servers = record.get("serve", {}).get("servers", [])
+    if len(servers) > 1:  # the servers layout: the fleet manager runs that command once per replica
+        lines.insert(0, f"# {len(servers)} replicas: the command below once per replica with CUDA_VISIBLE_DEVICES="
+                        f"{' / '.join(','.join(map(str, s['gpus'])) for s in servers)} on its own three ports "
+                        f"(from HTTP port + 100), nginx on :{http_port}/:{grpc_port} in front (trtqwen/serve/fleet.py)")
     if record.get("runtime") in ("trtllm", "llmapi"):
         from trtqwen.build.trtllm_build import TRTLLM_IMAGE
 

@@ -199,6 +199,8 @@ class TritonLLMClient:
     def stream(self, prompt: str, params: GenerationParams | None = None, cancel: threading.Event | None = None
                ) -> Iterator[tuple[str, Timing]]:
         """Yield (text delta, timing so far) as tokens arrive; raises UserError on a server error."""
+        from tritonclient.utils import InferenceServerException
+
         params = params or GenerationParams()
         timing = Timing(start=time.perf_counter())
         events: queue.Queue = queue.Queue()
@@ -206,7 +208,15 @@ class TritonLLMClient:
         client = self.grpc.InferenceServerClient(self.url, channel_args=CHANNEL_ARGS)
         client.start_stream(callback=lambda result, error: events.put((result, error)))
         try:
-            client.async_stream_infer(self.model, self._inputs(prompt, params, True), enable_empty_final_response=True)
+            try:
+                client.async_stream_infer(self.model, self._inputs(prompt, params, True), enable_empty_final_response=True)
+            except InferenceServerException as e:  # the stream failed before the request went out (a model
+                # being loaded again, a server going away): the reason came through the callback
+                try:
+                    e = events.get(timeout=1.0)[1] or e
+                except queue.Empty:
+                    pass
+                raise server_error(e.message() if hasattr(e, "message") else str(e)) from None
             last = time.perf_counter()
             while True:
                 if cancel is not None and cancel.is_set():

@@ -193,6 +193,11 @@ def start(repo: Path, models: list[str], host: str = "127.0.0.1", http_port: int
     repo = Path(repo)
     if not repo.is_dir():
         raise UserError(f"no model repository at {repo}", "run `trtqwen package <build dir> --out model_repo` first")
+    if not name:
+        from trtqwen.serve import fleet
+
+        if fleet.running_fleet(repo):
+            raise UserError(f"{repo} is already served by its replicas", f"stop them first: trtqwen serve {repo} --stop")
     running = running_server(repo, name)
     if running:  # a second server would orphan the first and truncate its log
         raise UserError(f"{repo} is already served by tritonserver pid {running['pid']} (HTTP {running['http_port']}, "

@@ -2,6 +2,7 @@
 empty rank files), for tests that check what is read from it and never load its weights."""
 
 import json
+import shutil
 from pathlib import Path
 
 from trtqwen.build.spec import BuildSpec
@@ -38,24 +39,33 @@ def pytorch_view(build: Path, out: Path, tp: int | None = None) -> Path:
     return out
 
 
-def checkpoint_factory(model_dir: Path, root: Path, **calib):
+def used(dirs: dict, key, keep: int) -> Path:
+    """dirs[key], marked used last; the directories used longest ago beyond `keep` are removed from disk and dirs."""
+    dirs[key] = dirs.pop(key)
+    while len(dirs) > keep:
+        shutil.rmtree(dirs.pop(next(iter(dirs))))
+    return dirs[key]
+
+
+def checkpoint_factory(model_dir: Path, root: Path, keep: int = 3, **calib):
     """get(precision, tp, kv="auto") → a TensorRT-LLM checkpoint of model_dir: each (precision, kv) is calibrated
-    once (on the CPU), each TP size written once from that quantized model, as the build would write it."""
+    once (on the CPU) and kept in memory; only the `keep` checkpoints used last stay on disk (each tiny-tp one is
+    ~330 MB: the real vocabulary), the others are written again if asked for."""
     from trtqwen.build import quantize
 
     quantized, written, tokenizer = {}, {}, quantize.load_tokenizer(model_dir)
 
     def get(precision: str, tp: int, kv: str = "auto") -> Path:
-        spec = BuildSpec(model=str(model_dir), precision=precision, tp=tp, kv_cache_dtype=kv, **calib)
+        key, spec = (precision, tp, kv), BuildSpec(model=str(model_dir), precision=precision, tp=tp, kv_cache_dtype=kv, **calib)
         if (precision, kv) not in quantized:
             model = quantize.load_hf_model(model_dir, spec, "cpu")
             quantize.quantize_model(model, tokenizer, spec)
             quantized[precision, kv] = model
-        if (precision, tp, kv) not in written:
+        if key not in written:
             out = root / f"{precision}-tp{tp}-kv{kv}"
             quantize.write_checkpoint(quantized[precision, kv], json.loads((model_dir / "config.json").read_text()),
                                       spec, out)
-            written[precision, tp, kv] = out
-        return written[precision, tp, kv]
+            written[key] = out
+        return used(written, key, keep)
 
     return get

@@ -1,6 +1,6 @@
 import contextlib
 import os
-import socket
+from pathlib import Path
 
 # No test may reach a hub or phone home: everything they need is made locally.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -78,15 +78,39 @@ def infer_input(name: str, value):
     return t
 
 
+_handed_out: set[int] = set()
+
+
 def free_ports(n: int) -> list[int]:
-    """n ports the OS has free now (asked for together, so distinct): suites running side by side never collide."""
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
+    """n distinct ports free now, below the kernel's ephemeral range (outgoing connections, such as TP ranks' gloo
+    links, take ports from that range: one took a server's port between pick and bind), at random so suites side by
+    side rarely meet, never one this session handed out before."""
+    import random
+
+    from trtqwen.serve.server import port_free
+
+    ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    low = int(ephemeral.read_text().split()[0]) if ephemeral.exists() else 32768
+    ports: list[int] = []
+    while len(ports) < n:
+        # replicas take their ports from the front's HTTP port + 100 up: leave room under the range
+        port = random.randrange(10000, max(low - 1000, 11000))
+        if port not in _handed_out and port not in ports and port_free("127.0.0.1", port):
+            ports.append(port)
+    _handed_out.update(ports)
     return ports
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory):
+    """module_tmp(name) → a new directory for a module's builds and repositories, all removed when the module's tests
+    end (fixtures using it are torn down first): a session's builds kept to its end outgrew a small CI disk."""
+    import shutil
+    import tempfile
+
+    root = tmp_path_factory.mktemp("module")
+    yield lambda name: Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root))
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @contextlib.contextmanager

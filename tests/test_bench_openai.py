@@ -25,7 +25,7 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def served(tiny_dir, tmp_path_factory):
+def served(tiny_dir, module_tmp):
     from rich.console import Console
 
     from trtqwen.serve import server
@@ -33,7 +33,7 @@ def served(tiny_dir, tmp_path_factory):
     from trtqwen.build.spec import BuildSpec
     from trtqwen.serve.repo import generate_repo
 
-    root = tmp_path_factory.mktemp("bench")
+    root = module_tmp("bench")
     build = root / "build"
     run_build(BuildSpec.request(str(tiny_dir), precision="bf16"), out=build, until="checkpoint", console=Console(file=io.StringIO()))
     repo = generate_repo(build, root / "repo", runtime="torch")

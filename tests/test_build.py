@@ -20,8 +20,8 @@ def run(*args):
 
 
 @pytest.fixture(scope="module")
-def built(tiny_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("builds") / "tiny-int4"
+def built(tiny_dir, module_tmp):
+    out = module_tmp("builds") / "tiny-int4"
     r = run("--model", tiny_dir, "--precision", "int4", "--out", out)
     assert r.exit_code == 0, r.output
     return out

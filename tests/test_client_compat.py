@@ -21,9 +21,9 @@ RENAMES = {"seed": "random_seed", "min_tokens": "min_length"}
 
 
 @pytest.fixture(scope="module")
-def old_names_server(served_tiny, tmp_path_factory):
+def old_names_server(served_tiny, module_tmp):
     """A copy of the served repository whose ensemble takes tensorrtllm_backend 0.x input names."""
-    repo = tmp_path_factory.mktemp("old") / "repo"
+    repo = module_tmp("old") / "repo"
     shutil.copytree(served_tiny[2], repo, ignore=shutil.ignore_patterns("*.log", ".trtqwen-server.json"))
     cfg = from_pbtxt((repo / "ensemble" / "config.pbtxt").read_text())
     for tensor in cfg.input:

@@ -12,8 +12,8 @@ from trtqwen.errors import UserError
 
 
 @pytest.fixture(scope="module")
-def small_hf(tmp_path_factory):
-    d = tmp_path_factory.mktemp("hf")
+def small_hf(module_tmp):
+    d = module_tmp("hf")
     cfg = Qwen2Config(vocab_size=256, hidden_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                       intermediate_size=128, architectures=["Qwen2ForCausalLM"], torch_dtype="bfloat16")
     torch.manual_seed(0)

@@ -64,8 +64,8 @@ def make_model_dir(out: Path, **overrides) -> Path:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return make_model_dir(tmp_path_factory.mktemp("hf") / "qwen2-small")
+def model_dir(module_tmp) -> Path:
+    return make_model_dir(module_tmp("hf") / "qwen2-small")
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +74,9 @@ def hf_config(model_dir) -> dict:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(model_dir, tmp_path_factory):
+def checkpoint(model_dir, module_tmp):
     """checkpoint(precision, tp, kv="auto") → directory; each (precision, kv) is calibrated once, each tp written once."""
-    return checkpoint_factory(model_dir, tmp_path_factory.mktemp("ckpt"), **CALIB)
+    return checkpoint_factory(model_dir, module_tmp("ckpt"), **CALIB)
 
 
 def tensors(path: Path) -> dict[str, tuple[tuple, str]]:

@@ -398,12 +398,12 @@ def test_word_lists_in_tensorrt_llm_format():
 
 
 @pytest.fixture(scope="module")
-def qwen_tokenizer(tmp_path_factory):
+def qwen_tokenizer(module_tmp):
     from transformers import AutoTokenizer
 
     from trtqwen.qwen_tokenizer import write_qwen_tokenizer
 
-    d = tmp_path_factory.mktemp("tok")
+    d = module_tmp("tok")
     write_qwen_tokenizer(d, 4096)
     return AutoTokenizer.from_pretrained(d)
 

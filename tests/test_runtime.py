@@ -14,9 +14,9 @@ VOCAB = 512
 
 
 @pytest.fixture(scope="module")
-def hf_pair(tmp_path_factory):
+def hf_pair(module_tmp):
     """A small Qwen2 with large random weights (so tokens vary) saved as safetensors, and its transformers twin."""
-    d = tmp_path_factory.mktemp("rt_hf")
+    d = module_tmp("rt_hf")
     cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       intermediate_size=384, architectures=["Qwen2ForCausalLM"], rope_theta=1e6,
                       max_position_embeddings=512, tie_word_embeddings=False)

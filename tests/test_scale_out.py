@@ -37,11 +37,11 @@ def test_gpu_groups_from_the_gpu_list():
 
 
 @pytest.fixture(scope="module")
-def bf16_build(tiny_dir, tmp_path_factory):
+def bf16_build(tiny_dir, module_tmp):
     from trtqwen.build.pipeline import run_build
     from trtqwen.build.spec import BuildSpec
 
-    out = tmp_path_factory.mktemp("scale") / "build"
+    out = module_tmp("scale") / "build"
     run_build(BuildSpec.request(str(tiny_dir), precision="bf16"), out=out, until="checkpoint")
     return out
 
@@ -87,8 +87,8 @@ def test_nginx_takes_the_configuration_and_marks_down_who_is_not_ready(tmp_path)
 
 # --- three tritonservers behind nginx --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def three(bf16_build, tmp_path_factory):
-    repo = generate_repo(bf16_build, tmp_path_factory.mktemp("fleet") / "repo", replicas=3, layout="servers")
+def three(bf16_build, module_tmp):
+    repo = generate_repo(bf16_build, module_tmp("fleet") / "repo", replicas=3, layout="servers")
     ports = free_ports(11)
     state = fleet.start(repo, read_record(repo)["serve"], "127.0.0.1", ports[0], ports[1],
                         [tuple(ports[2 + 3 * i:5 + 3 * i]) for i in range(3)], timeout=240)

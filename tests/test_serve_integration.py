@@ -85,8 +85,8 @@ def make_scripted_build(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def build_dir(tmp_path_factory):
-    return make_scripted_build(tmp_path_factory.mktemp("serve"))
+def build_dir(module_tmp):
+    return make_scripted_build(module_tmp("serve"))
 
 
 class Served:

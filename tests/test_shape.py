@@ -77,9 +77,9 @@ def test_kv_heads_fewer_than_ranks_are_copied_except_for_smoothquant():
 
 
 @pytest.fixture(scope="module")
-def good_build(tiny_dir, tmp_path_factory):
+def good_build(tiny_dir, module_tmp):
     """A bf16 TP 1 build of the tiny model, and a repository packaged from it while it was still good."""
-    root = tmp_path_factory.mktemp("rule")
+    root = module_tmp("rule")
     run_build(BuildSpec.request(str(tiny_dir), precision="bf16"), out=root / "build", until="checkpoint")
     return root / "build", generate_repo(root / "build", root / "repo", runtime="torch")
 

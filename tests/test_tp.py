@@ -139,7 +139,7 @@ PORTS = {1: 19610, 2: 19620}  # http, grpc, metrics = base, base+1, base+2
 
 
 @pytest.fixture(scope="module")
-def served(tiny_tp_dir, tmp_path_factory):
+def served(tiny_tp_dir, module_tmp):
     """TP 1 and TP 2 packages of the tiny-tp model (bf16 checkpoints, torch runtime), served side by side."""
     from conftest import started_together  # here, not at the top: rank workers import this module too
     from trtqwen.serve import server
@@ -147,7 +147,7 @@ def served(tiny_tp_dir, tmp_path_factory):
     from trtqwen.build.spec import BuildSpec
     from trtqwen.serve.repo import generate_repo
 
-    root = tmp_path_factory.mktemp("served_tp")
+    root = module_tmp("served_tp")
 
     for tp in PORTS:
         run_build(BuildSpec.request(str(tiny_tp_dir), precision="bf16", tp=tp), out=root / f"build{tp}", until="checkpoint")

@@ -1,5 +1,6 @@
 """Replicas: the two layouts `package --replicas` writes, and three real tritonservers behind a real nginx (CPU, the
-tiny model) taking 200 streams, losing one replica mid-run and taking it back."""
+tiny model) taking 200 streams, losing one replica mid-run and taking it back; a replica that hangs while it says
+it is ready is found, killed and started again."""
 
 import json
 import os
@@ -14,7 +15,7 @@ from conftest import free_ports
 
 from trtqwen.clients.client import GenerationParams, TritonLLMClient
 from trtqwen.errors import UserError
-from trtqwen.serve import fleet, server
+from trtqwen.serve import fleet, server, supervisor
 from trtqwen.serve.balancer import Upstream, find_nginx, nginx_conf
 from trtqwen.serve.repo import generate_repo, read_record
 from trtqwen.serve.repo.settings import gpu_groups
@@ -86,17 +87,35 @@ def test_nginx_takes_the_configuration_and_marks_down_who_is_not_ready(tmp_path)
 
 
 # --- three tritonservers behind nginx --------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def three(bf16_build, module_tmp):
-    repo = generate_repo(bf16_build, module_tmp("fleet") / "repo", replicas=3, layout="servers")
-    ports = free_ports(11)
+def serving_fleet(build, where, n: int, **kw):
+    """n replicas of build behind nginx for the test's duration; afterwards nothing of them is left."""
+    repo = generate_repo(build, where / "repo", replicas=n, layout="servers")
+    ports = free_ports(2 + 3 * n)
     state = fleet.start(repo, read_record(repo)["serve"], "127.0.0.1", ports[0], ports[1],
-                        [tuple(ports[2 + 3 * i:5 + 3 * i]) for i in range(3)], timeout=240)
+                        [tuple(ports[2 + 3 * i:5 + 3 * i]) for i in range(n)], timeout=240, **kw)
     try:
         yield repo, state
     finally:
         server.stop(repo)
         assert fleet.running_fleet(repo) is None and all(server.port_free("127.0.0.1", p) for p in ports)
+
+
+@pytest.fixture(scope="module")
+def three(bf16_build, module_tmp):
+    yield from serving_fleet(bf16_build, module_tmp("fleet"), 3)
+
+
+def replica(repo, name: str) -> dict:
+    return next(r for r in fleet.running_fleet(repo)["replicas"] if r["name"] == name)
+
+
+def wait_all_up(repo, replaced: dict, timeout: float = 180) -> None:
+    """Until the replica `replaced` names runs as a new process and every replica is back in rotation."""
+    deadline = time.time() + timeout
+    while not (all(r["up"] for r in fleet.running_fleet(repo)["replicas"])
+               and replica(repo, replaced["name"])["pid"] != replaced["pid"]):
+        assert time.time() < deadline, (repo / "fleet.log").read_text()
+        time.sleep(0.5)
 
 
 def served(replica: dict) -> int:
@@ -149,7 +168,7 @@ def test_200_streams_spread_over_three_replicas_one_killed_and_taken_back(three)
     th = threading.Thread(target=lambda: box.update(r=run_streams(url, 60, 300, started)))
     th.start()
     started.wait(120)  # every stream has its first token
-    victim = next(r for r in fleet.running_fleet(repo)["replicas"] if r["name"] == "r1")
+    victim = replica(repo, "r1")
     os.killpg(victim["pid"], signal.SIGKILL)
     th.join(300)
     failed = [m for kind, m in box["r"] if kind == "error"]
@@ -161,12 +180,8 @@ def test_200_streams_spread_over_three_replicas_one_killed_and_taken_back(three)
     assert run_streams(url, 30, 8) == [("ok", 8)] * 30
 
     # the manager starts it again and nginx takes it back
-    deadline = time.time() + 180
-    while not all(r["up"] for r in fleet.running_fleet(repo)["replicas"]):
-        assert time.time() < deadline, (repo / "fleet.log").read_text()
-        time.sleep(0.5)
-    r1 = next(r for r in fleet.running_fleet(repo)["replicas"] if r["name"] == "r1")
-    assert r1["pid"] != victim["pid"]
+    wait_all_up(repo, victim)
+    r1 = replica(repo, "r1")
     first = served(r1)
     assert run_streams(url, 30, 8) == [("ok", 8)] * 30
     assert served(r1) > first, "the restarted replica got none of the new requests"
@@ -182,6 +197,31 @@ def test_http_streaming_passes_through_nginx(three):
     with urllib.request.urlopen(req, timeout=60) as r:
         events = [json.loads(line[5:]) for line in r.read().decode().splitlines() if line.startswith("data:")]
     assert len(events) >= 2 and all("text_output" in e for e in events)  # SSE events, one per token, unbuffered
+
+
+@pytest.fixture
+def two_quick(bf16_build, tmp_path):  # its own fleet: a 4 s hang timeout would misjudge the loaded one above
+    yield from serving_fleet(bf16_build, tmp_path, 2, hang_timeout=4)
+
+
+def test_a_replica_that_hangs_while_it_says_ready_is_killed_and_started_again(two_quick):
+    repo, state = two_quick
+    victim = replica(repo, "r1")
+    stuck = supervisor.stubs(repo, victim["pid"])["tensorrt_llm"]
+    for pid in stuck:
+        os.kill(pid, signal.SIGSTOP)  # the model process freezes; tritonserver itself is fine
+    assert server._get(f"http://127.0.0.1:{victim['http_port']}/v2/health/ready") == 200  # Triton cannot tell
+
+    deadline = time.time() + 60
+    while "r1: hung" not in (repo / "fleet.log").read_text():
+        assert time.time() < deadline, (repo / "fleet.log").read_text()
+        time.sleep(0.5)
+    assert "r0: hung" not in (repo / "fleet.log").read_text()
+    wait_all_up(repo, victim)
+    assert not any(supervisor.alive(pid) for pid in stuck)  # killed with its server, not left frozen
+    url = f"127.0.0.1:{replica(repo, 'r1')['grpc_port']}"  # the new r1 answers, straight and through nginx
+    assert TritonLLMClient(url).generate("Hi", GenerationParams(max_tokens=3, min_tokens=3)).timing.output_tokens == 3
+    assert run_streams(f"127.0.0.1:{state['grpc_port']}", 10, 4) == [("ok", 4)] * 10
 
 
 # --- which layout for the box (plan --gpus) --------------------------------------------------------------------------

@@ -211,6 +211,8 @@ def serve(
     openai_port: Optional[int] = typer.Option(None, help="also serve an OpenAI-compatible API on this port (foreground)"),
     replica_port_base: Optional[int] = typer.Option(None, help="replicas of the servers layout listen from here, 3 "
                                                                 "ports each (default: HTTP port + 100)"),
+    hang_timeout: float = typer.Option(120, help="servers layout: a replica whose 1-token probe gets no answer for this "
+                                                 "long, twice in a row, is killed and started again"),
     engine: str = typer.Option("tritonserver", help="tritonserver (a model repository), or trtllm-serve (TensorRT-LLM's "
                                                     "OpenAI server on a --target pytorch build directory; GPU box)"),
 ):
@@ -231,7 +233,8 @@ def serve(
         for line in server.describe_commands(model_repo, host, http_port, grpc_port, metrics_port):
             print(line)
         return
-    state = server.serve_repo(model_repo, host, http_port, grpc_port, metrics_port, log, timeout, replica_port_base)
+    state = server.serve_repo(model_repo, host, http_port, grpc_port, metrics_port, log, timeout, replica_port_base,
+                               hang_timeout)
     if "replicas" in state:
         console.print(f"{len(state['replicas'])} tritonservers ready behind nginx (least connections)\n"
                       f"  HTTP    http://{host}:{http_port}\n  gRPC    {host}:{grpc_port}\n  log     {state['log']}")

@@ -3,8 +3,10 @@
 `start` runs the fleet manager (`python -m trtqwen.serve.fleet`) and waits until every replica is ready and nginx
 listens on the front ports. The manager keeps the fleet: a replica that dies is started again on its own ports, and
 nginx sends requests only to replicas whose /v2/health/ready answers (the manager polls them and reloads nginx;
-nginx by itself only notices a refused connection). Streams in flight on a replica that dies fail; the client
-reports it; new requests go to the others.
+nginx by itself only notices a refused connection). A replica that hangs while its /ready still answers (a
+wedged model process, a stuck GPU) is found by a 1-token request sent to it every few seconds: two in a row unanswered
+within the hang timeout, or its HTTP endpoint silent that long, and it is killed and started again. Streams in flight
+on a replica that dies fail; the client reports it; new requests go to the others.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from trtqwen.serve.balancer import Nginx, Upstream, find_nginx
 
 FLEET_FILE = ".trtqwen-fleet.json"  # in the model repository: the manager's pid, the front ports, the replicas
 INTERVAL_S = 0.5
+HANG_TIMEOUT_S = 120.0  # no first token for this long, twice in a row: hung (a queue that deep is unusable anyway)
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,7 @@ def running_fleet(repo: Path) -> dict | None:
 
 
 def start(repo: Path, plan: dict, host: str, http_port: int, grpc_port: int, replica_ports: list[tuple[int, int, int]],
-          timeout: float = 300) -> dict:
+          timeout: float = 300, hang_timeout: float = HANG_TIMEOUT_S) -> dict:
     """Launch the manager and wait for the whole fleet; returns its state (the manager's pid is `pid`)."""
     repo = Path(repo)
     find_nginx()
@@ -84,7 +87,7 @@ def start(repo: Path, plan: dict, host: str, http_port: int, grpc_port: int, rep
     config = {"repo": str(repo.resolve()), "host": host, "http_port": http_port, "grpc_port": grpc_port,
               "replicas": [asdict(r) for r in replicas], "models": plan.get("models", []),
               "world_size": plan.get("world_size", 1), "launcher": plan.get("launcher"), "env": plan.get("env", {}),
-              "timeout": timeout}
+              "timeout": timeout, "hang_timeout": hang_timeout}
     log = repo / "fleet.log"
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "trtqwen.serve.fleet", json.dumps(config)], stdout=out,
@@ -114,6 +117,18 @@ def stop(repo: Path) -> dict | None:
     return state
 
 
+def probe(r: Replica, timeout: float) -> str | None:
+    """None when a 1-token request sent straight to the replica is answered within timeout, else what went wrong."""
+    from trtqwen.clients.client import GenerationParams, connect
+
+    try:
+        connect(f"127.0.0.1:{r.grpc_port}", timeout=timeout, idle_timeout=timeout).generate(
+            "ping", GenerationParams(max_tokens=1))
+        return None
+    except Exception as e:  # noqa: BLE001 - whatever the failure, the replica did not answer
+        return getattr(e, "message", None) or f"{type(e).__name__}: {e}"
+
+
 # --- the manager -----------------------------------------------------------------------------------------------------
 class Manager:
     def __init__(self, config: dict, say=print):
@@ -127,6 +142,9 @@ class Manager:
         self.starting: dict[str, threading.Thread] = {}
         self.up: dict[str, bool] = {r.name: False for r in self.replicas}
         self.changed = False
+        self.hang_timeout = float(config.get("hang_timeout", HANG_TIMEOUT_S))
+        self.hung: dict[str, str] = {}  # replica → why the prober thinks it hangs
+        self.silent_since: dict[str, float] = {}  # replica → when its HTTP endpoint stopped answering
 
     def launch(self, r: Replica) -> dict:
         deadline = time.time() + 30  # a replica that just died may hold its ports for a moment
@@ -161,9 +179,33 @@ class Manager:
         tmp.write_text(json.dumps(state, indent=2))
         tmp.replace(self.repo / FLEET_FILE)
 
+    def watch(self, r: Replica) -> None:
+        """The prober of one replica (a thread): a 1-token request every few seconds while it is in rotation."""
+        failures = 0
+        while not self.stopping.wait(min(10.0, self.hang_timeout / 2)):
+            if not self.up[r.name]:
+                failures = 0  # out of rotation (loading, restarting): readiness speaks for it
+                continue
+            error = probe(r, self.hang_timeout)
+            failures = 0 if error is None else failures + 1
+            if failures >= 2:  # one slow or failed answer is not a hang
+                self.hung[r.name], failures = error, 0
+
+    def kill_if_hung(self, r: Replica) -> None:
+        why = self.hung.pop(r.name, None)
+        silent = self.silent_since.get(r.name)
+        if why is None and silent is not None and time.time() - silent > self.hang_timeout:
+            why = f"its HTTP endpoint has not answered for {self.hang_timeout:.0f} s"
+        if why is not None and server.running_server(self.repo, r.name) is not None:
+            self.say(f"{r.name}: hung ({why}); killing it")
+            server.stop(self.repo, r.name, grace=0)  # a hung server does not shut down gracefully
+            self.silent_since.pop(r.name, None)
+
     def check(self) -> None:
-        """One round: reap and restart dead replicas, poll readiness, reload nginx when who is up has changed."""
+        """One round: kill hung replicas, reap and restart dead ones, poll readiness, reload nginx when who is up has
+        changed."""
         for r in self.replicas:
+            self.kill_if_hung(r)
             pid = self.pids.get(r.name)
             if pid:
                 try:
@@ -176,7 +218,12 @@ class Manager:
                 self.say(f"{r.name}: tritonserver is gone; starting it again")
                 self.starting[r.name] = threading.Thread(target=self.relaunch, args=(r,), daemon=True)
                 self.starting[r.name].start()
-            up = alive and not busy and server._get(f"{r.base}/v2/health/ready", timeout=1.0) == 200
+            code = server._get(f"{r.base}/v2/health/ready", timeout=1.0) if alive and not busy else None
+            if code == 0:
+                self.silent_since.setdefault(r.name, time.time())
+            else:
+                self.silent_since.pop(r.name, None)
+            up = code == 200
             if up != self.up[r.name]:
                 self.up[r.name] = up
                 self.say(f"{r.name}: {'ready: back in rotation' if up else 'not ready: out of rotation'}")
@@ -202,6 +249,8 @@ class Manager:
                     self.say(f"{n}: did not start: {getattr(e, 'message', e)}")
                 return 1
             self.up = {r.name: True for r in self.replicas}
+            for r in self.replicas:
+                threading.Thread(target=self.watch, args=(r,), daemon=True).start()
             self.nginx.start(self.upstreams())
             self.write_state(True)
             self.say(f"ready: nginx on {self.c['host']}:{self.c['http_port']} (HTTP) and :{self.c['grpc_port']} "

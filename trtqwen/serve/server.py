@@ -297,8 +297,9 @@ def running_server(repo: Path, name: str = "") -> dict | None:
     return None
 
 
-def stop(repo: Path, name: str = "") -> dict | None:
-    """Stop the server started for repo; None when none runs (a stale record is dropped, its pid left alone)."""
+def stop(repo: Path, name: str = "", grace: float = 15) -> dict | None:
+    """Stop the server started for repo (SIGKILL after grace seconds); None when none runs (a stale record is
+    dropped, its pid left alone)."""
     if not name:
         from trtqwen.serve import fleet
 
@@ -307,7 +308,7 @@ def stop(repo: Path, name: str = "") -> dict | None:
     state = running_server(repo, name)
     if state is None:
         return None
-    stop_process(state["pid"])
+    stop_process(state["pid"], timeout=grace)
     if state.get("supervisor") and same_process(state["supervisor"]):
         stop_process(state["supervisor"]["pid"], timeout=5)
     named(repo, STATE_FILE, name).unlink(missing_ok=True)
@@ -321,7 +322,7 @@ def _record(repo: Path) -> dict:
 
 
 def serve_repo(repo: Path, host: str, http_port: int, grpc_port: int, metrics_port: int, log: Path | None,
-               timeout: float, replica_port_base: int | None = None) -> dict:
+               timeout: float, replica_port_base: int | None = None, hang_timeout: float = 120) -> dict:
     """Check the repository's records (engine version vs serving one), then start and wait for every model: one
     tritonserver, or for the servers layout one per replica (from replica_port_base, default HTTP port + 100) with
     nginx on the front ports."""
@@ -331,7 +332,7 @@ def serve_repo(repo: Path, host: str, http_port: int, grpc_port: int, metrics_po
         from trtqwen.serve import fleet
 
         ports = fleet.port_block(replica_port_base or http_port + 100, len(plan["servers"]))
-        return fleet.start(repo, plan, host, http_port, grpc_port, ports, timeout)
+        return fleet.start(repo, plan, host, http_port, grpc_port, ports, timeout, hang_timeout)
     os.environ.update(plan.get("env", {}))
     return start(repo, plan.get("models", []), host, http_port, grpc_port, metrics_port, log,
                  plan.get("world_size", 1), timeout, launcher=plan.get("launcher"))

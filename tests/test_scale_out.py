@@ -224,6 +224,25 @@ def test_a_replica_that_hangs_while_it_says_ready_is_killed_and_started_again(tw
     assert run_streams(f"127.0.0.1:{state['grpc_port']}", 10, 4) == [("ok", 4)] * 10
 
 
+def test_a_killed_manager_leaves_the_fleet_serving_and_serve_stop_ends_all_of_it(two_quick):
+    repo, state = two_quick
+    os.kill(state["pid"], signal.SIGKILL)
+    time.sleep(1)
+    assert fleet.running_fleet(repo) is None
+    assert run_streams(f"127.0.0.1:{state['grpc_port']}", 6, 4) == [("ok", 4)] * 6  # no outage: nginx and replicas go on
+    record = fleet.fleet_record(repo)
+    with pytest.raises(UserError, match="already served"):  # a second fleet would collide with the orphans
+        server.start(repo, [], "127.0.0.1", *free_ports(3))
+
+    assert server.stop(repo)["pid"] == state["pid"]
+    assert not fleet.serving(repo) and fleet.fleet_record(repo) is None
+    pids = [r["pid"] for r in record["replicas"]] + [record["nginx_pid"]["pid"]]
+    assert not any(supervisor.alive(pid) for pid in pids)
+    ports = [state["http_port"], state["grpc_port"]] + [p for r in record["replicas"]
+                                                        for p in (r["http_port"], r["grpc_port"], r["metrics_port"])]
+    assert all(server.port_free("127.0.0.1", p) for p in ports)
+
+
 # --- which layout for the box (plan --gpus) --------------------------------------------------------------------------
 def box(gpus, precision="int4_awq", gpu="rtx4090d", latency=False, **custom):
     from trtqwen.build import box_plan

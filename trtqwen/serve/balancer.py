@@ -138,6 +138,12 @@ class Nginx:
         if self.alive():
             os.kill(self.proc.pid, signal.SIGHUP)
 
+    def record(self) -> dict | None:
+        """pid and start time of the master, for stopping it when the manager is gone."""
+        from trtqwen.serve.server import process_start
+
+        return {"pid": self.proc.pid, "started": process_start(self.proc.pid)} if self.alive() else None
+
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 

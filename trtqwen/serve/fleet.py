@@ -61,15 +61,25 @@ def lb_dir(repo: Path) -> Path:
     return repo.parent / f".{repo.name}-nginx"
 
 
-def running_fleet(repo: Path) -> dict | None:
+def fleet_record(repo: Path) -> dict | None:
+    """The manager's last state, whether it still runs or not (killed -9, its replicas and nginx go on serving)."""
     path = Path(repo) / FLEET_FILE
-    if not path.is_file():
-        return None
-    state = json.loads(path.read_text())
-    if server.same_process(state):
-        return state
-    path.unlink(missing_ok=True)
-    return None
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def running_fleet(repo: Path) -> dict | None:
+    state = fleet_record(repo)
+    return state if state and server.same_process(state) else None
+
+
+def serving(repo: Path) -> bool:
+    """Does a fleet serve repo: its manager, or with the manager gone a replica or nginx it left running?"""
+    state = fleet_record(repo)
+    if not state:
+        return False
+    nginx = state.get("nginx_pid")
+    return (server.same_process(state) or bool(nginx and server.same_process(nginx))
+            or any(server.running_server(repo, r["name"]) for r in state["replicas"]))
 
 
 def start(repo: Path, plan: dict, host: str, http_port: int, grpc_port: int, replica_ports: list[tuple[int, int, int]],
@@ -77,7 +87,7 @@ def start(repo: Path, plan: dict, host: str, http_port: int, grpc_port: int, rep
     """Launch the manager and wait for the whole fleet; returns its state (the manager's pid is `pid`)."""
     repo = Path(repo)
     find_nginx()
-    if running_fleet(repo):
+    if serving(repo):
         raise UserError(f"{repo} is already served by a fleet of tritonservers", f"stop it first: trtqwen serve {repo} --stop")
     replicas = replicas_for(plan["servers"], replica_ports)
     for port in [http_port, grpc_port] + [p for r in replicas for p in (r.http_port, r.grpc_port, r.metrics_port)]:
@@ -105,14 +115,20 @@ def start(repo: Path, plan: dict, host: str, http_port: int, grpc_port: int, rep
 
 
 def stop(repo: Path) -> dict | None:
-    state = running_fleet(repo)
+    """Stop the manager, which stops nginx and every replica; what a dead manager left running is stopped here."""
+    state = fleet_record(repo)
     if state is None:
         return None
-    os.kill(state["pid"], signal.SIGTERM)  # the manager stops nginx and every replica, then exits
-    deadline = time.time() + 60
-    while server.same_process(state) and time.time() < deadline:
-        time.sleep(0.1)
-    server.stop_process(state["pid"])
+    if server.same_process(state):
+        os.kill(state["pid"], signal.SIGTERM)
+        deadline = time.time() + 60
+        while server.same_process(state) and time.time() < deadline:
+            time.sleep(0.1)
+        server.stop_process(state["pid"])
+    for r in state["replicas"]:  # each by its own record: a recycled pid is never signalled
+        server.stop(repo, r["name"])
+    if state.get("nginx_pid") and server.same_process(state["nginx_pid"]):
+        server.stop_process(state["nginx_pid"]["pid"])
     (Path(repo) / FLEET_FILE).unlink(missing_ok=True)
     return state
 
@@ -173,7 +189,8 @@ class Manager:
     def write_state(self, ready: bool) -> None:
         state = {"pid": os.getpid(), "started": server.process_start(os.getpid()), "ready": ready,
                  "host": self.c["host"], "http_port": self.c["http_port"], "grpc_port": self.c["grpc_port"],
-                 "nginx": str(self.nginx.workdir), "log": str(self.repo / "fleet.log"),
+                 "nginx": str(self.nginx.workdir), "nginx_pid": self.nginx.record(),
+                 "log": str(self.repo / "fleet.log"),
                  "replicas": [{**asdict(r), "up": self.up[r.name], "pid": self.pids.get(r.name)} for r in self.replicas]}
         tmp = self.repo / (FLEET_FILE + ".tmp")
         tmp.write_text(json.dumps(state, indent=2))
@@ -231,6 +248,7 @@ class Manager:
         if not self.nginx.alive():
             self.say("nginx is gone; starting it again")
             self.nginx.start(self.upstreams())
+            self.changed = True
         elif self.changed:
             self.nginx.apply(self.upstreams())
         if self.changed:

@@ -196,7 +196,7 @@ def start(repo: Path, models: list[str], host: str = "127.0.0.1", http_port: int
     if not name:
         from trtqwen.serve import fleet
 
-        if fleet.running_fleet(repo):
+        if fleet.serving(repo):
             raise UserError(f"{repo} is already served by its replicas", f"stop them first: trtqwen serve {repo} --stop")
     running = running_server(repo, name)
     if running:  # a second server would orphan the first and truncate its log
@@ -303,7 +303,7 @@ def stop(repo: Path, name: str = "", grace: float = 15) -> dict | None:
     if not name:
         from trtqwen.serve import fleet
 
-        if fleet.running_fleet(repo):
+        if fleet.fleet_record(repo):
             return fleet.stop(repo)
     state = running_server(repo, name)
     if state is None:

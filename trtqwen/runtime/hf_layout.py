@@ -11,6 +11,8 @@ requantized to it: what TensorRT-LLM's PyTorch backend does when it fuses them a
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+
 import torch
 
 from trtqwen.errors import UserError
@@ -54,23 +56,25 @@ def _fused_qkv(t: dict, a: str, dst: str, out: dict) -> None:
         out[dst.rsplit(".", 1)[0] + ".kv_cache_scaling_factor"] = torch.maximum(ks.float(), vs.float()).reshape(1)
 
 
-def to_trtllm_names(t: dict[str, torch.Tensor], shape: ModelShape) -> dict[str, torch.Tensor]:
-    """The whole model (TP 1) in TensorRT-LLM checkpoint names."""
-    out = {"transformer.vocab_embedding.weight": t["model.embed_tokens.weight"],
+def trtllm_parts(t: Mapping[str, torch.Tensor], shape: ModelShape) -> Iterator[dict[str, torch.Tensor]]:
+    """The whole model (TP 1) in TensorRT-LLM checkpoint names, a part at a time: the embedding, final norm and
+    lm_head, then each layer. Read from a lazy `t`, a rank that keeps only its shard of each part never holds the
+    whole checkpoint."""
+    yield {"transformer.vocab_embedding.weight": t["model.embed_tokens.weight"],
            "transformer.ln_f.weight": t["model.norm.weight"],
-           "lm_head.weight": t.get("lm_head.weight", t["model.embed_tokens.weight"])}
+           "lm_head.weight": t["lm_head.weight"] if "lm_head.weight" in t else t["model.embed_tokens.weight"]}
     for i in range(shape.num_layers):
-        src, dst = f"model.layers.{i}.", f"transformer.layers.{i}."
+        src, dst, out = f"model.layers.{i}.", f"transformer.layers.{i}.", {}
         out[dst + "input_layernorm.weight"] = t[src + "input_layernorm.weight"]
         out[dst + "post_layernorm.weight"] = t[src + "post_attention_layernorm.weight"]
         _fused_qkv(t, src + "self_attn.", dst + "attention.qkv", out)
         for hf, ours in {**COLUMN, **ROW}.items():
             _linear(t, src + hf, dst + ours, out)
-    return out
+        yield out
 
 
 def rank_shard(t: dict[str, torch.Tensor], shape: ModelShape, tp: int, rank: int) -> dict:
-    """Rank `rank`'s shard of the whole model's tensors (to_trtllm_names), laid out as its rank file would be:
+    """Rank `rank`'s shard of the whole model's tensors (trtllm_parts), laid out as its rank file would be:
     column-parallel linears split along out (fused qkv per part), row-parallel along in, the lm_head along the
     vocabulary padded to a multiple of TP; norms, the embedding and per-tensor scales stay whole on every rank."""
     if tp == 1:
@@ -91,5 +95,10 @@ def rank_shard(t: dict[str, torch.Tensor], shape: ModelShape, tp: int, rank: int
         elif module.rsplit(".", 1)[-1] in ("dense", "proj"):  # row-parallel: along in
             out[name] = x.chunk(tp, dim=-1)[rank].contiguous() if suffix == "prequant_scaling_factor" else row_shard(x, tp, rank)
         else:  # mlp.fc / mlp.gate: along out
-            out[name] = x.chunk(tp)[rank].contiguous()
-    return out
+            out[name] = x.chunk(tp)[rank]
+    return {name: _own(x) for name, x in out.items()}
+
+
+def _own(x: torch.Tensor) -> torch.Tensor:
+    """x in storage of its own: a slice along dim 0 is a view that would keep the whole tensor alive."""
+    return x.clone() if x.untyped_storage().nbytes() > x.numel() * x.element_size() else x

@@ -7,6 +7,8 @@ first put in the TensorRT-LLM checkpoint's names and layout (hf_layout.py), so o
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -15,7 +17,7 @@ from safetensors import safe_open
 from trtqwen.checkpoint import Checkpoint, is_trtllm_checkpoint, read_checkpoint, read_hf_checkpoint
 from trtqwen.errors import UserError
 from trtqwen.precision import SQ_PER_TOKEN_ALGOS
-from trtqwen.runtime.hf_layout import rank_shard, to_trtllm_names
+from trtqwen.runtime.hf_layout import rank_shard, trtllm_parts
 from trtqwen.runtime.layers.linear import Linear, merge_column, merge_row
 from trtqwen.runtime.models.qwen2 import DecoderLayer, Qwen2Model
 from trtqwen.shape import ModelShape
@@ -28,6 +30,33 @@ def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
             for k in st.keys():
                 out[k] = st.get_tensor(k)
     return out
+
+
+class LazySafetensors(Mapping):
+    """The tensors of safetensors files, each read when asked for (and not kept): a shard taken from them costs
+    the shard, not the file."""
+
+    def __init__(self, files: list[Path]):
+        self._stack = ExitStack()
+        self._where = {}
+        for f in files:
+            st = self._stack.enter_context(safe_open(str(f), framework="pt"))
+            self._where.update(dict.fromkeys(st.keys(), st))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._where[name].get_tensor(name)
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __enter__(self) -> LazySafetensors:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
 
 
 def target_dtype(device, dtype: torch.dtype | None, int4_kernels: bool | None) -> tuple[torch.dtype, bool]:
@@ -181,15 +210,25 @@ def load_trtllm(path: Path, max_positions: int | None = None) -> Qwen2Model:
     return Qwen2Model(cfg, embed, layers, ranks[0]["transformer.ln_f.weight"].float(), lm_head, max_positions)
 
 
-def load_hf(path: Path, max_positions: int | None = None, tp: int = 1, rank: int = 0,
-            cls: type[Qwen2Model] = Qwen2Model) -> Qwen2Model:
-    """An HF checkpoint (plain or ModelOpt's unified export) → the whole model, or rank `rank`'s shard at TP `tp`
-    (split here at load, as TensorRT-LLM's PyTorch backend splits it)."""
+def hf_rank_tensors(path: Path, tp: int = 1, rank: int = 0) -> tuple[Checkpoint, dict[str, torch.Tensor]]:
+    """Rank `rank`'s tensors of an HF checkpoint at TP `tp`, in TensorRT-LLM checkpoint names, read a part at a
+    time: the rank holds its shard (and one layer), never the whole checkpoint."""
     ck = read_hf_checkpoint(path)
     files = sorted(Path(path).glob("*.safetensors"))
     if not files:
         raise UserError(f"{path} has no *.safetensors weights", "the runtime loads safetensors only")
-    t = rank_shard(to_trtllm_names(read_safetensors(files), ck.shape), ck.shape, tp, rank)
+    t = {}
+    with LazySafetensors(files) as lazy:
+        for part in trtllm_parts(lazy, ck.shape):
+            t.update(rank_shard(part, ck.shape, tp, rank))
+    return ck, t
+
+
+def load_hf(path: Path, max_positions: int | None = None, tp: int = 1, rank: int = 0,
+            cls: type[Qwen2Model] = Qwen2Model) -> Qwen2Model:
+    """An HF checkpoint (plain or ModelOpt's unified export) → the whole model, or rank `rank`'s shard at TP `tp`
+    (split here at load, as TensorRT-LLM's PyTorch backend splits it)."""
+    ck, t = hf_rank_tensors(path, tp, rank)
     model = _from_rank_tensors(t, ck, ck.shape.shard(tp, ck.precision) if tp > 1 else ck.shape, max_positions, cls)
     model.tp_size = tp
     return model

@@ -89,6 +89,11 @@ MALFORMED = [
     (CHAT, chat(logprobs=True), "logprobs"),
     (CHAT, chat(top_logprobs=3), "top_logprobs"),
     (CHAT, chat(logit_bias={"50256": -100}), "logit_bias"),
+    (CHAT, chat(foo=1), "foo"),  # unknown fields are refused, never dropped (more in test_openai_security.py)
+    (CHAT, chat(store=True), "store"),
+    (CHAT, chat(min_p=0.1), "min_p"),
+    (COMP, comp(messages=HI), "messages"),
+    (COMP, comp(ignore_eos="yes"), "ignore_eos"),
     (CHAT, b"{not json", "JSON"),
     (CHAT, b"", "JSON"),
     (CHAT, b"[1, 2]", "object"),
@@ -174,6 +179,29 @@ def test_streams_with_usage(oai):
     assert "".join(c.choices[0].text for c in chunks if c.choices)
     u = chunks[-1].usage
     assert u.prompt_tokens == 2 and u.total_tokens == 2 + u.completion_tokens
+
+
+def test_ignore_eos_generates_exactly_max_tokens(oai):
+    """ignore_eos reaches the runtime as min_tokens = max_tokens with no end-marker stop words."""
+    for stream in (False, True):
+        r = oai.completions.create(model="qwen2.5", prompt="Hi", max_tokens=40, temperature=1, stream=stream,
+                                   stream_options={"include_usage": True} if stream else None,
+                                   extra_body={"ignore_eos": True, "user": "tester"})
+        if stream:
+            chunks = list(r)
+            reason = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+            assert reason == ["length"] and chunks[-1].usage.completion_tokens == 40
+        else:
+            assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 40
+
+
+def test_retrieve_model(oai):
+    import openai
+
+    assert oai.models.retrieve("qwen2.5").id == "qwen2.5"
+    with pytest.raises(openai.NotFoundError) as e:
+        oai.models.retrieve("gpt-4o")
+    assert e.value.body["code"] == "model_not_found"
 
 
 def test_early_stream_error_is_an_http_400(oai):

@@ -348,12 +348,23 @@ def openai(
     model: Optional[str] = TEXT_MODEL,
     served_model_name: str = typer.Option("qwen2.5", help="model name the API reports"),
     tokenizer: Optional[Path] = typer.Option(None, help="tokenizer dir, for prompt token counts in usage"),
+    api_key: Optional[str] = typer.Option(None, envvar="TRTQWEN_API_KEY", show_envvar=True,
+                                          help="require 'Authorization: Bearer KEY' on /v1/* (needed to bind "
+                                               "anything but 127.0.0.1)"),
+    allowed_origin: list[str] = typer.Option([], "--allowed-origin", help="a web origin (e.g. http://localhost:3000) "
+                                             "whose pages may call the API, with CORS; repeatable; '*': any. "
+                                             "Default: none, every cross-origin request is refused"),
+    allowed_host: list[str] = typer.Option([], "--allowed-host", help="a Host name clients may use besides "
+                                           "127.0.0.1, localhost, [::1] and --host (DNS rebinding protection); "
+                                           "repeatable; '*': any"),
 ):
     """OpenAI-compatible endpoint in front of the Triton server (streaming SSE and not)."""
     from trtqwen.clients.openai import serve_openai
 
-    console.print(f"OpenAI-compatible API on http://{host}:{port}/v1 → Triton {url} ({model or 'tensorrt_llm_bls, else ensemble'})")
-    serve_openai(url, host, port, model, served_model_name, str(tokenizer) if tokenizer else None)
+    console.print(f"OpenAI-compatible API on http://{host}:{port}/v1 → Triton {url} ({model or 'tensorrt_llm_bls, else ensemble'})"
+                  + (" (API key required)" if api_key else ""))
+    serve_openai(url, host, port, model, served_model_name, str(tokenizer) if tokenizer else None, api_key=api_key,
+                 allowed_origins=tuple(allowed_origin), allowed_hosts=tuple(allowed_host))
 
 
 @command

@@ -215,7 +215,8 @@ def test_cli_openai_options(patched, monkeypatch):
     r = CliRunner().invoke(app, ["openai", "--host", "0.0.0.0", "--api-key", KEY, "--allowed-origin", "http://a:1",
                                  "--allowed-origin", "http://b:2", "--allowed-host", "llm.lan"])
     assert r.exit_code == 0, r.output
-    assert got[-1][1] == {"api_key": KEY, "allowed_origins": ("http://a:1", "http://b:2"), "allowed_hosts": ("llm.lan",)}
+    assert got[-1][1] == {"api_key": KEY, "allowed_origins": ("http://a:1", "http://b:2"),
+                          "allowed_hosts": ("llm.lan",)}
     r = CliRunner().invoke(app, ["openai"], env={"TRTQWEN_API_KEY": "from-env"})
     assert r.exit_code == 0 and got[-1][1]["api_key"] == "from-env"
     monkeypatch.undo()  # the real serve_openai: a public bind without a key is an error, exit 2
@@ -262,7 +263,8 @@ FIELDS = [
     (CHAT, {"user": 5}, "user"),
     (CHAT, {"ignore_eos": "yes"}, "ignore_eos"),
     (CHAT, {"include_stop_str_in_output": 1}, "include_stop_str_in_output"),
-    (CHAT, {"stream": True, "stream_options": {"continuous_usage_stats": True}}, "stream_options.continuous_usage_stats"),
+    (CHAT, {"stream": True, "stream_options": {"continuous_usage_stats": True}},
+     "stream_options.continuous_usage_stats"),
     (CHAT, {"stream": True, "stream_options": {"include_usage": True, "foo": 1}}, "stream_options.foo"),
     (CHAT, {"stream": True, "stream_options": {"include_obfuscation": True}}, "stream_options.include_obfuscation"),
     # chat's fields are not the legacy endpoint's, and the other way round

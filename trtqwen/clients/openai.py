@@ -92,8 +92,8 @@ UNSUPPORTED = {
 COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "seed", "stop", "stream", "stream_options",
                  "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "user",
                  # vLLM's extensions
-                 "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "use_beam_search", "length_penalty",
-                 "skip_special_tokens", "include_stop_str_in_output", "guided_json"}
+                 "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "use_beam_search",
+                 "length_penalty", "skip_special_tokens", "include_stop_str_in_output", "guided_json"}
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "functions",
                                "function_call", "response_format", "modalities", "audio", "prediction",
                                "web_search_options", "reasoning_effort", "service_tier", "store", "metadata"}
@@ -455,7 +455,7 @@ def browser_guard(allowed_origins=(), allowed_hosts=()):
         origin = _header(scope, b"origin")
         if origin is None or "*" in origins or _origin(origin) in origins:
             return None
-        if host and _origin(origin) in (f"http://{host.lower()}", f"https://{host.lower()}"):  # a page this server served
+        if host and _origin(origin) in (f"http://{host.lower()}", f"https://{host.lower()}"):  # a page we served
             return None
         return APIError(403, f"Origin {origin!r} is not allowed: cross-origin requests from web pages are refused "
                         "unless the proxy is started with --allowed-origin ORIGIN", "permission_error",

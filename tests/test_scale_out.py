@@ -13,6 +13,7 @@ import urllib.request
 import pytest
 from conftest import free_ports
 
+from trtqwen.serve.process import http_status
 from trtqwen.clients.client import GenerationParams, TritonLLMClient
 from trtqwen.errors import UserError
 from trtqwen.serve import fleet, server, supervisor
@@ -210,7 +211,7 @@ def test_a_replica_that_hangs_while_it_says_ready_is_killed_and_started_again(tw
     stuck = supervisor.stubs(repo, victim["pid"])["tensorrt_llm"]
     for pid in stuck:
         os.kill(pid, signal.SIGSTOP)  # the model process freezes; tritonserver itself is fine
-    assert server._get(f"http://127.0.0.1:{victim['http_port']}/v2/health/ready") == 200  # Triton cannot tell
+    assert http_status(f"http://127.0.0.1:{victim['http_port']}/v2/health/ready") == 200  # Triton cannot tell
 
     deadline = time.time() + 60
     while "r1: hung" not in (repo / "fleet.log").read_text():
@@ -285,3 +286,19 @@ def test_plan_cli_prints_the_box_as_json():
     out = json.loads(r.output)
     assert out["plan"]["tp"] == 1 and out["box"]["recommended"]["replicas"] == 2
     assert out["box"]["recommended"]["commands"][1].endswith("--replicas 2 --gpus 0,1 --layout servers")
+
+
+def test_nginx_front_refuses_browsers_and_the_admin_apis(three):
+    """CSRF and DNS rebinding through the balancer: any Origin, a foreign Host and the admin APIs answer 403 at
+    nginx (each replica would refuse the admin APIs without its key too); plain inference still passes."""
+    _, state = three
+    base = f"http://127.0.0.1:{state['http_port']}"
+    load = base + "/v2/repository/models/evil/load"
+    assert http_status(load, data=b"{}", headers={"Content-Type": "text/plain", "Origin": "http://evil.example"}) == 403
+    assert http_status(load, data=b"{}", headers={"Content-Type": "application/json"}) == 403
+    assert http_status(base + "/v2/models/stats") == 403
+    assert http_status(base + "/v2/health/ready", headers={"Host": "evil.example"}) == 403
+    assert http_status(base + "/v2/health/ready") == 200
+    body = json.dumps({"text_input": "Hi", "max_tokens": 2}).encode()
+    assert http_status(base + "/v2/models/tensorrt_llm_bls/generate", data=body,
+                       headers={"Origin": "http://evil.example"}) == 403

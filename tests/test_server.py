@@ -1,6 +1,7 @@
 """tritonserver launching: the mpirun layout for TP ranks, refusals, and the log shown when a server fails."""
 
 import json
+import os
 import socket
 import subprocess
 from pathlib import Path
@@ -34,6 +35,34 @@ def test_one_process_loads_every_model_under_explicit_control():
     """Explicit model control lets the supervisor load a model again when its stub dies."""
     cmd = server.server_command(INSTALL, Path("/r"), "127.0.0.1", 8000, 8001, 8002)
     assert "--model-control-mode=explicit" in cmd and "--load-model=*" in cmd
+
+
+def test_admin_apis_are_restricted_with_the_flags_the_bundled_tritonserver_knows():
+    """Every process of the command (TP ranks too) restricts the admin APIs to the key; the flag names and the API
+    names are those `tritonserver --help` lists (the real 2.51 binary of the nvidia-pytriton wheel)."""
+    from trtqwen.serve import admin
+
+    for world in (1, 2):
+        cmd = server.server_command(INSTALL, Path("/r"), "127.0.0.1", 8000, 8001, 8002, world_size=world, key="K")
+        apis = ",".join(admin.RESTRICTED)
+        assert cmd.count(f"--http-restricted-api={apis}:{admin.HEADER}=K") == world
+        assert cmd.count(f"--grpc-restricted-protocol={apis}:{admin.HEADER}=K") == world
+    install = server.find_tritonserver()
+    run = subprocess.run([str(install.binary), "--help"], capture_output=True, text=True,
+                         env={**os.environ, **install.env})
+    help_text = run.stdout + run.stderr  # the usage goes to stderr
+    assert "--http-restricted-api" in help_text and "--grpc-restricted-protocol" in help_text
+    allowed = help_text.split("Allowed APIs:")[1].split("\n\n")[0]
+    assert all(api in allowed for api in admin.RESTRICTED), allowed
+    assert admin.redact(cmd, "K") == [c.replace("K", "<admin key>") for c in cmd]
+
+
+def test_a_bind_beyond_this_machine_warns_and_needs_a_key_for_the_openai_api():
+    assert server.exposure_warnings("127.0.0.1", 9000, None) == []
+    assert "no authentication" in server.exposure_warnings("0.0.0.0", None, None)[0]
+    with pytest.raises(UserError, match="--api-key"):
+        server.exposure_warnings("0.0.0.0", 9000, None)
+    assert server.exposure_warnings("0.0.0.0", 9000, "k")
 
 
 def test_port_in_use_is_refused(tmp_path):
@@ -74,6 +103,7 @@ def test_cli_print_command_and_stop(served_tiny):
     repo = served_tiny[2]
     r = CliRunner().invoke(app, ["serve", str(repo), "--print-command", "--http-port", "9100"])
     assert r.exit_code == 0 and "tritonserver" in r.output and "--http-port=9100" in r.output
+    assert "trtqwen-admin-key=$TRTQWEN_ADMIN_KEY" in r.output
     r = CliRunner().invoke(app, ["serve", str(repo.parent / "not-a-repo")])
     assert r.exit_code == 2 and "trtqwen package" in r.output
 

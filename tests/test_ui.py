@@ -307,3 +307,22 @@ def test_cli_delegates_to_ui_app(monkeypatch):
     r = CliRunner().invoke(cli_app, ["ui", "--share", "--model", "ensemble", "--host", "0.0.0.0"])
     assert r.exit_code == 0 and calls[-1]["share"] is True and calls[-1]["model"] == "ensemble"
     assert calls[-1]["host"] == "0.0.0.0"
+
+
+def test_the_page_refuses_a_foreign_host_and_a_foreign_origin(live_ui):
+    """DNS rebinding (evil.example resolving to 127.0.0.1) gets no page; a cross-origin request gets no CORS grant."""
+    import urllib.error
+    import urllib.request
+
+    def get(path: str, **headers):
+        req = urllib.request.Request(live_ui.rstrip("/") + path, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, dict(r.headers)
+        except urllib.error.HTTPError as e:
+            return e.code, dict(e.headers)
+
+    assert get("/")[0] == 200
+    assert get("/", Host="evil.example:7860")[0] == 400
+    status, headers = get("/config", Origin="http://evil.example")
+    assert headers.get("access-control-allow-origin") in (None, "null") or status >= 400, headers

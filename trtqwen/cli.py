@@ -215,6 +215,8 @@ def serve(
                                                  "long, twice in a row, is killed and started again"),
     engine: str = typer.Option("tritonserver", help="tritonserver (a model repository), or trtllm-serve (TensorRT-LLM's "
                                                     "OpenAI server on a --target pytorch build directory; GPU box)"),
+    api_key: Optional[str] = typer.Option(None, envvar="TRTQWEN_API_KEY", help="with --openai-port: the key its "
+                                          "clients must send (Authorization: Bearer); required beyond 127.0.0.1"),
 ):
     """Run tritonserver on a model repository (one MPI rank per GPU for TP) and wait until it is ready."""
     from trtqwen.serve import server
@@ -233,6 +235,8 @@ def serve(
         for line in server.describe_commands(model_repo, host, http_port, grpc_port, metrics_port):
             print(line)
         return
+    for warning in server.exposure_warnings(host, openai_port, api_key):
+        Console(stderr=True).print(f"[bold red]warning:[/] {warning}")
     state = server.serve_repo(model_repo, host, http_port, grpc_port, metrics_port, log, timeout, replica_port_base,
                                hang_timeout)
     if "replicas" in state:
@@ -248,7 +252,7 @@ def serve(
         console.print(f"stop it with: [bold]trtqwen serve {model_repo} --stop[/]")
         return
     console.print("Ctrl-C stops it." + (f" OpenAI-compatible API on http://{host}:{openai_port}/v1" if openai_port else ""))
-    server.run_in_foreground(model_repo, state, host, grpc_port, openai_port)
+    server.run_in_foreground(model_repo, state, host, grpc_port, openai_port, api_key)
 
 
 TEXT_MODEL = typer.Option(None, help="Triton model; default: tensorrt_llm_bls when served (a stop cancels the "

@@ -62,3 +62,15 @@ def clean_temporaries(parent: Path, name: str = "") -> None:
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     for p in Path(parent).glob(f".old-{name}*"):
         shutil.rmtree(p, ignore_errors=True)
+
+
+def rotate(log: Path, keep: int = 3) -> None:
+    """log → log.1 → log.2 …: a new start never overwrites the evidence of the last one."""
+    log = Path(log)
+    if not log.is_file() or log.stat().st_size == 0:
+        return
+    for i in range(keep - 1, 0, -1):
+        older = log.with_name(f"{log.name}.{i}")
+        if older.exists():
+            older.replace(log.with_name(f"{log.name}.{i + 1}"))
+    log.replace(log.with_name(f"{log.name}.1"))

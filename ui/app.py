@@ -15,6 +15,7 @@ import gradio as gr  # noqa: E402
 
 from trtqwen.clients.client import DEFAULT_MAX_TOKENS, DEFAULT_SYSTEM, GenerationParams  # noqa: E402
 from trtqwen.errors import UserError  # noqa: E402
+from trtqwen.serve.process import is_loopback  # noqa: E402
 from ui.backend import ERROR_MARK, STOPPED_MARK, Backend, stats_line  # noqa: E402
 
 TITLE = "trtqwen · Qwen2.5 on Triton"
@@ -143,15 +144,28 @@ def build_app(backend: Backend, concurrency: int = 16) -> gr.Blocks:
     return demo
 
 
+def allowed_hosts(host: str) -> list[str]:
+    """Host headers the page answers: on a loopback bind only loopback names, so a DNS-rebinding page (evil.example
+    resolving to 127.0.0.1) is refused; a bind beyond this machine was asked for, any name reaching it is served."""
+    if is_loopback(host):
+        return ["127.0.0.1", "localhost", "::1", "[::1]", host]
+    return ["*"]
+
+
 def launch(url: str, model: str | None = None, repo: str | None = None, host: str = "127.0.0.1", port: int = 7860,
            share: bool = False, concurrency: int = 16, block: bool = True):
     """Build and serve the page; returns (demo, local url). With block=False it runs in background threads."""
+    from starlette.middleware import Middleware
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+
     demo = build_app(Backend(url, model, repo), concurrency)
     demo.queue(default_concurrency_limit=concurrency)
     try:
         _, local_url, _ = demo.launch(server_name=host, server_port=port, share=share, ssr_mode=False,
                                       prevent_thread_lock=not block, quiet=not block, footer_links=["api"],
-                                      theme=THEME, css=CSS)
+                                      theme=THEME, css=CSS, strict_cors=True,
+                                      app_kwargs={"middleware": [Middleware(TrustedHostMiddleware,
+                                                                            allowed_hosts=allowed_hosts(host))]})
     except OSError as e:
         raise UserError(f"cannot serve the page on {host}:{port}: {e}", "pick another --port") from None
     return demo, local_url

@@ -143,8 +143,8 @@ class TritonLLMClient:
         try:
             cfg = self.client.get_model_config(model, as_json=True, client_timeout=timeout)["config"]
         except Exception:  # noqa: BLE001
-            models = [m["name"] for m in self.client.get_model_repository_index(as_json=True).get("models", [])]
-            raise UserError(f"model {model!r} is not served at {url}", f"served models: {', '.join(models) or 'none'}") from None
+            raise UserError(f"model {model!r} is not served at {url}", "pass --model with one it serves (ensemble, "
+                            "tensorrt_llm_bls, tensorrt_llm for a trtqwen repository)") from None
         self.inputs = {i["name"]: i for i in cfg.get("input", [])}
         self.decoupled = bool(cfg.get("model_transaction_policy", {}).get("decoupled"))
         self.parameters = {k: v.get("string_value") for k, v in cfg.get("parameters", {}).items()}

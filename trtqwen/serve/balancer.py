@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trtqwen.errors import UserError
+from trtqwen.serve.process import is_loopback
 
 NGINX_PATHS = ("/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx")
 STREAM_TIMEOUT = "3600s"  # between two messages of a stream: a long prompt's prefill must not cut it
@@ -42,6 +43,22 @@ def _servers(upstreams: list[Upstream], port: str) -> str:
     # nginx wants at least one server per upstream: when none is up, all are listed down and clients get 502
     return "\n".join(f"        server {u.host}:{getattr(u, port)} max_fails=1 fail_timeout=2s{'' if u.up else ' down'};"
                      for u in upstreams)
+
+
+# Triton's admin APIs (behind each replica's own key as well): never proxied, HTTP paths and gRPC methods alike.
+ADMIN_HTTP = r"^/v2/(repository|logging|trace|systemsharedmemory|cudasharedmemory)(/|$)|^/v2/models/(.*/)?stats$"
+ADMIN_GRPC = (r"^/inference\.GRPCInferenceService/(Repository|ModelStatistics|SystemSharedMemory|CudaSharedMemory|"
+              r"Trace|Log)")
+
+
+def _front_guard(host: str) -> str:
+    """A browser's request is refused: on a loopback bind a Host that is not loopback (DNS rebinding), any Origin
+    (no page of ours is served here: every Origin is foreign); and the admin APIs for everyone."""
+    hosts = "" if not is_loopback(host) else (
+        "        if ($host !~ \"^(127\\.[0-9.]+|localhost|\\[::1\\])$\") { return 403; }\n")
+    return (hosts + "        if ($http_origin) { return 403; }\n"
+            f"        location ~ \"{ADMIN_HTTP}\" {{ return 403; }}\n"
+            f"        location ~ \"{ADMIN_GRPC}\" {{ return 403; }}")
 
 
 def nginx_conf(workdir: Path, host: str, http_port: int, grpc_port: int, upstreams: list[Upstream]) -> str:
@@ -72,6 +89,7 @@ http {{
     }}
     server {{
         listen {host}:{http_port};
+{_front_guard(host)}
         location / {{
             proxy_pass http://triton_http;
             proxy_http_version 1.1;
@@ -83,6 +101,7 @@ http {{
     }}
     server {{
         listen {host}:{grpc_port} http2;
+{_front_guard(host)}
         location / {{
             grpc_pass grpc://triton_grpc;
             grpc_read_timeout {STREAM_TIMEOUT};
@@ -124,7 +143,7 @@ class Nginx:
         with (self.workdir / "nginx.out").open("a") as out:
             self.proc = subprocess.Popen([self.binary, "-c", str(self.conf), "-e", str(self.workdir / "error.log")],
                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        from trtqwen.serve.server import port_free
+        from trtqwen.serve.process import port_free
 
         deadline = time.time() + timeout
         while port_free(self.host, self.grpc_port) or port_free(self.host, self.http_port):
@@ -140,7 +159,7 @@ class Nginx:
 
     def record(self) -> dict | None:
         """pid and start time of the master, for stopping it when the manager is gone."""
-        from trtqwen.serve.server import process_start
+        from trtqwen.serve.process import process_start
 
         return {"pid": self.proc.pid, "started": process_start(self.proc.pid)} if self.alive() else None
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from trtqwen.errors import UserError
 from trtqwen.serve import server
+from trtqwen.serve.process import http_status, port_free, process_start, same_process, stop_process
 from trtqwen.serve.balancer import Nginx, Upstream, find_nginx
 
 FLEET_FILE = ".trtqwen-fleet.json"  # in the model repository: the manager's pid, the front ports, the replicas
@@ -69,7 +70,7 @@ def fleet_record(repo: Path) -> dict | None:
 
 def running_fleet(repo: Path) -> dict | None:
     state = fleet_record(repo)
-    return state if state and server.same_process(state) else None
+    return state if state and same_process(state) else None
 
 
 def serving(repo: Path) -> bool:
@@ -78,7 +79,7 @@ def serving(repo: Path) -> bool:
     if not state:
         return False
     nginx = state.get("nginx_pid")
-    return (server.same_process(state) or bool(nginx and server.same_process(nginx))
+    return (same_process(state) or bool(nginx and same_process(nginx))
             or any(server.running_server(repo, r["name"]) for r in state["replicas"]))
 
 
@@ -91,7 +92,7 @@ def start(repo: Path, plan: dict, host: str, http_port: int, grpc_port: int, rep
         raise UserError(f"{repo} is already served by a fleet of tritonservers", f"stop it first: trtqwen serve {repo} --stop")
     replicas = replicas_for(plan["servers"], replica_ports)
     for port in [http_port, grpc_port] + [p for r in replicas for p in (r.http_port, r.grpc_port, r.metrics_port)]:
-        if not server.port_free(host, port):
+        if not port_free(host, port):
             raise UserError(f"port {port} on {host} is already in use",
                             "stop what uses it (`trtqwen serve --stop`?) or pick other --http-port/--grpc-port/--replica-port-base")
     config = {"repo": str(repo.resolve()), "host": host, "http_port": http_port, "grpc_port": grpc_port,
@@ -108,7 +109,7 @@ def start(repo: Path, plan: dict, host: str, http_port: int, grpc_port: int, rep
         if state and state.get("ready"):
             return state
         if proc.poll() is not None or time.time() > deadline:
-            server.stop_process(proc.pid)
+            stop_process(proc.pid)
             raise UserError(f"the replicas did not all start:\n{log.read_text(errors='replace')[-3000:]}",
                             f"full log: {log}; each replica's: {repo}/tritonserver-r<i>.log")
         time.sleep(0.2)
@@ -119,16 +120,16 @@ def stop(repo: Path) -> dict | None:
     state = fleet_record(repo)
     if state is None:
         return None
-    if server.same_process(state):
+    if same_process(state):
         os.kill(state["pid"], signal.SIGTERM)
         deadline = time.time() + 60
-        while server.same_process(state) and time.time() < deadline:
+        while same_process(state) and time.time() < deadline:
             time.sleep(0.1)
-        server.stop_process(state["pid"])
+        stop_process(state["pid"])
     for r in state["replicas"]:  # each by its own record: a recycled pid is never signalled
         server.stop(repo, r["name"])
-    if state.get("nginx_pid") and server.same_process(state["nginx_pid"]):
-        server.stop_process(state["nginx_pid"]["pid"])
+    if state.get("nginx_pid") and same_process(state["nginx_pid"]):
+        stop_process(state["nginx_pid"]["pid"])
     (Path(repo) / FLEET_FILE).unlink(missing_ok=True)
     return state
 
@@ -164,7 +165,7 @@ class Manager:
 
     def launch(self, r: Replica) -> dict:
         deadline = time.time() + 30  # a replica that just died may hold its ports for a moment
-        while not all(server.port_free(self.c["host"], p) for p in (r.http_port, r.grpc_port, r.metrics_port)):
+        while not all(port_free(self.c["host"], p) for p in (r.http_port, r.grpc_port, r.metrics_port)):
             if time.time() > deadline:
                 raise UserError(f"{r.name}: its ports are still in use")
             time.sleep(0.2)
@@ -187,7 +188,7 @@ class Manager:
         return [Upstream("127.0.0.1", r.http_port, r.grpc_port, self.up[r.name]) for r in self.replicas]
 
     def write_state(self, ready: bool) -> None:
-        state = {"pid": os.getpid(), "started": server.process_start(os.getpid()), "ready": ready,
+        state = {"pid": os.getpid(), "started": process_start(os.getpid()), "ready": ready,
                  "host": self.c["host"], "http_port": self.c["http_port"], "grpc_port": self.c["grpc_port"],
                  "nginx": str(self.nginx.workdir), "nginx_pid": self.nginx.record(),
                  "log": str(self.repo / "fleet.log"),
@@ -235,7 +236,7 @@ class Manager:
                 self.say(f"{r.name}: tritonserver is gone; starting it again")
                 self.starting[r.name] = threading.Thread(target=self.relaunch, args=(r,), daemon=True)
                 self.starting[r.name].start()
-            code = server._get(f"{r.base}/v2/health/ready", timeout=1.0) if alive and not busy else None
+            code = http_status(f"{r.base}/v2/health/ready", timeout=1.0) if alive and not busy else None
             if code == 0:
                 self.silent_since.setdefault(r.name, time.time())
             else:

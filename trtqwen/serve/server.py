@@ -7,25 +7,24 @@ import importlib.util
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import sysconfig
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from trtqwen.errors import UserError
-from trtqwen.files import publishing
+from trtqwen.files import publishing, rotate
+from trtqwen.serve import admin
+from trtqwen.serve.process import http_status, is_loopback, port_free, process_start, same_process, stop_process
 
 SYSTEM_SERVER = Path("/opt/tritonserver")  # NVIDIA's Triton / TensorRT-LLM containers
 # TensorRT-LLM's PyTorch backend starts its workers through MPI: under plain tritonserver the llmapi model fails with
 # MPI_ERR_SPAWN; its launcher (tensorrt_llm/llmapi/trtllm-llmapi-launch) runs the server as rank 0 of one MPI process.
 LLMAPI_LAUNCH = "trtllm-llmapi-launch"
 CACHE = Path(os.environ.get("TRTQWEN_CACHE", Path.home() / ".cache" / "trtqwen"))
+ADMIN_KEY_VAR = "$TRTQWEN_ADMIN_KEY"  # what --print-command shows in place of the key
 STATE_FILE = ".trtqwen-server.json"  # in the model repository: pid, ports, log of the running server
 
 
@@ -102,18 +101,8 @@ def find_tritonserver() -> TritonInstall:
     return prepare_pytriton_server(src)
 
 
-def port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-            return True
-        except OSError:
-            return False
-
-
 def server_args(install: TritonInstall, repo: Path, host: str, http_port: int, grpc_port: int, metrics_port: int,
-                extra: list[str] | None = None) -> list[str]:
+                extra: list[str] | None = None, key: str | None = None) -> list[str]:
     args = [
         str(install.binary), f"--model-repository={repo.resolve()}",
         f"--http-address={host}", f"--http-port={http_port}",
@@ -125,20 +114,20 @@ def server_args(install: TritonInstall, repo: Path, host: str, http_port: int, g
     if install.kind == "pytriton":
         args += [f"--cache-directory={install.root / 'caches'}", "--pinned-memory-pool-byte-size=0",
                  "--allow-gpu-metrics=false"]
-    return args + (extra or [])
+    return args + (admin.restrict_flags(key) if key else []) + (extra or [])
 
 
 def server_command(install: TritonInstall, repo: Path, host: str, http_port: int, grpc_port: int, metrics_port: int,
-                   world_size: int = 1, launcher: str | None = None) -> list[str]:
+                   world_size: int = 1, launcher: str | None = None, key: str | None = None) -> list[str]:
     """One process, or for TP > 1 one per rank under mpirun as tensorrtllm_backend's launcher does; the llmapi model
     (any TP: the LLM spawns its ranks itself) as rank 0 of one MPI process under trtllm-llmapi-launch, as
     launch_triton_server.py --trtllm_llmapi_launch runs it."""
     if launcher == "llmapi":
         return ["mpirun", "--allow-run-as-root", "-n", "1", LLMAPI_LAUNCH] + server_args(
-            install, repo, host, http_port, grpc_port, metrics_port)
+            install, repo, host, http_port, grpc_port, metrics_port, key=key)
     if world_size == 1:  # explicit model control: the supervisor reloads a model whose stub died
         return server_args(install, repo, host, http_port, grpc_port, metrics_port,
-                           ["--model-control-mode=explicit", "--load-model=*"])
+                           ["--model-control-mode=explicit", "--load-model=*"], key)
     cmd = ["mpirun", "--allow-run-as-root"]
     for rank in range(world_size):
         # Rank 0 serves everything; other ranks load only tensorrt_llm and never listen for clients.
@@ -146,30 +135,23 @@ def server_command(install: TritonInstall, repo: Path, host: str, http_port: int
         if rank:
             extra += ["--model-control-mode=explicit", "--load-model=tensorrt_llm", "--allow-http=false",
                       "--allow-grpc=false", "--allow-metrics=false"]
-        cmd += (["-n", "1"] + server_args(install, repo, host, http_port, grpc_port, metrics_port, extra)
+        cmd += (["-n", "1"] + server_args(install, repo, host, http_port, grpc_port, metrics_port, extra, key)
                 + ([":"] if rank < world_size - 1 else []))
     return cmd
 
 
-def _get(url: str, timeout: float = 2.0) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except (urllib.error.URLError, OSError):
-        return 0
-
-
-def wait_ready(proc: subprocess.Popen, base: str, models: list[str], log: Path, timeout: float) -> None:
+def wait_ready(proc: subprocess.Popen, base: str, models: list[str], log: Path, timeout: float,
+               supervisor_log: Path | None = None) -> None:
+    """Until the server and every model answer ready (and the supervisor has counted the stubs, when it watches)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise UserError(f"tritonserver exited with code {proc.returncode} before it was ready:\n{explain_log(log)}",
-                            f"full log: {log}")
-        if _get(f"{base}/v2/health/ready") == 200 and all(_get(f"{base}/v2/models/{m}/ready") == 200 for m in models):
+            raise UserError(f"tritonserver exited before it was ready:\n{explain_log(log)}", f"full log: {log}")
+        if (http_status(f"{base}/v2/health/ready") == 200
+                and all(http_status(f"{base}/v2/models/{m}/ready") == 200 for m in models)
+                and (supervisor_log is None or "watching" in supervisor_log.read_text(errors="replace"))):
             return
-        time.sleep(0.25)
+        time.sleep(0.1)
     raise UserError(f"tritonserver was not ready within {timeout:.0f} s:\n{explain_log(log)}", f"full log: {log}")
 
 
@@ -186,10 +168,12 @@ def start(repo: Path, models: list[str], host: str = "127.0.0.1", http_port: int
           metrics_port: int = 8002, log: Path | None = None, world_size: int = 1, timeout: float = 180,
           install: TritonInstall | None = None, env: dict | None = None, launcher: str | None = None,
           name: str = "") -> dict:
-    """Start tritonserver in the background and wait for it and every model to be ready; returns its state.
+    """Start tritonserver under its supervisor (trtqwen.serve.supervisor: restarts a dead server, reloads a dead
+    model stub) and wait for it and every model to be ready; returns its state. The admin APIs are restricted to a
+    fresh key (trtqwen.serve.admin).
 
     env: more environment for the server and its models (e.g. TRTQWEN_PROFILE_DIR, CUDA_VISIBLE_DEVICES).
-    name: one of several servers on this repository (a replica): its own state file, log and supervisor."""
+    name: one of several servers on this repository (a replica): its own state file, logs and key."""
     repo = Path(repo)
     if not repo.is_dir():
         raise UserError(f"no model repository at {repo}", "run `trtqwen package <build dir> --out model_repo` first")
@@ -199,7 +183,7 @@ def start(repo: Path, models: list[str], host: str = "127.0.0.1", http_port: int
         if fleet.serving(repo):
             raise UserError(f"{repo} is already served by its replicas", f"stop them first: trtqwen serve {repo} --stop")
     running = running_server(repo, name)
-    if running:  # a second server would orphan the first and truncate its log
+    if running:  # a second server would orphan the first and take over its log
         raise UserError(f"{repo} is already served by tritonserver pid {running['pid']} (HTTP {running['http_port']}, "
                         f"gRPC {running['grpc_port']})", f"stop it first: trtqwen serve {repo} --stop")
     for port in (http_port, grpc_port, metrics_port):
@@ -208,81 +192,36 @@ def start(repo: Path, models: list[str], host: str = "127.0.0.1", http_port: int
                             "stop what uses it (`trtqwen serve --stop`?) or pick other --http-port/--grpc-port/--metrics-port")
     if launcher == "llmapi":
         check_llmapi_runnable(repo)
-    install = install or find_tritonserver()
-    log = Path(log) if log else named(repo, "tritonserver.log", name)
-    cmd = server_command(install, repo, host, http_port, grpc_port, metrics_port, world_size, launcher)
     if world_size > 1 and not shutil.which("mpirun"):
         raise UserError("tensor parallel serving needs mpirun", "install OpenMPI (it comes with NVIDIA's TensorRT-LLM container)")
-    env = {**os.environ, **install.env, **(env or {})}
-    with log.open("w") as logf:
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    install = install or find_tritonserver()
+    log = Path(log) if log else named(repo, "tritonserver.log", name)
+    key_file = named(repo, admin.KEY_FILE, name)
+    key = admin.new_key(key_file)
+    cmd = server_command(install, repo, host, http_port, grpc_port, metrics_port, world_size, launcher, key)
     base = f"http://{host}:{http_port}"
+    watch_stubs = world_size == 1 and not launcher  # python-backend stubs of this repository, one server process
+    spec = {"repo": str(repo.resolve()), "cmd": cmd, "log": str(log.resolve()), "base": base, "host": host,
+            "ports": [http_port, grpc_port, metrics_port], "watch_stubs": watch_stubs, "key_file": str(key_file)}
+    supervisor_log = named(repo, "supervisor.log", name)
+    rotate(supervisor_log)
+    with supervisor_log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "trtqwen.serve.supervisor"], stdin=subprocess.PIPE, stdout=out,
+                                stderr=subprocess.STDOUT, env={**os.environ, **install.env, **(env or {})},
+                                start_new_session=True)
+    proc.stdin.write(json.dumps(spec).encode())  # on stdin: the key is in the command, never in a file others read
+    proc.stdin.close()
     try:
-        wait_ready(proc, base, models, log, timeout)
-        supervisor = start_supervisor(repo, base, proc.pid, name) if world_size == 1 and not launcher else None
+        wait_ready(proc, base, models, log, timeout, supervisor_log if watch_stubs else None)
     except BaseException:
         stop_process(proc.pid)
         raise
     state = {"pid": proc.pid, "started": process_start(proc.pid), "host": host, "http_port": http_port,
              "grpc_port": grpc_port, "metrics_port": metrics_port, "log": str(log.resolve()),
-             "server": install.describe(), "command": cmd, "name": name,
-             "supervisor": None if supervisor is None else {"pid": supervisor.pid,
-                                                             "started": process_start(supervisor.pid)}}
+             "supervisor_log": str(supervisor_log.resolve()), "server": install.describe(),
+             "command": admin.redact(cmd, key), "name": name}
     named(repo, STATE_FILE, name).write_text(json.dumps(state, indent=2))
     return state
-
-
-def stop_process(pid: int, timeout: float = 15) -> bool:
-    """SIGTERM the server's process group, SIGKILL it if it lingers; True if something was stopped."""
-    try:
-        pgid = os.getpgid(pid)
-    except ProcessLookupError:
-        return False
-    os.killpg(pgid, signal.SIGTERM)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return True
-        try:  # reap those of the group that are our children (the server, its supervisor): zombies linger
-            while os.waitpid(-pgid, os.WNOHANG)[0]:
-                pass
-        except ChildProcessError:
-            pass
-        time.sleep(0.1)
-    os.killpg(pgid, signal.SIGKILL)
-    return True
-
-
-def start_supervisor(repo: Path, base: str, server_pid: int, name: str = "", timeout: float = 60) -> subprocess.Popen:
-    """trtqwen.serve.supervisor next to the server (it ends with it, or `stop` ends it), once it has counted the stubs:
-    a stub that died before that would never be missed."""
-    log = named(repo, "supervisor.log", name)
-    with log.open("w") as out:
-        supervisor = subprocess.Popen([sys.executable, "-m", "trtqwen.serve.supervisor", str(repo), base, str(server_pid)],
-                                      stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + timeout
-    while "watching" not in log.read_text(errors="replace"):
-        if supervisor.poll() is not None or time.time() > deadline:
-            stop_process(supervisor.pid, timeout=5)
-            raise UserError(f"the model supervisor did not start:\n{log.read_text(errors='replace')[-2000:]}")
-        time.sleep(0.05)
-    return supervisor
-
-
-def process_start(pid: int) -> int | None:
-    """The kernel's start time of pid (clock ticks since boot): a recycled pid has another one."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return None if fields[0] == "Z" else int(fields[19])  # a zombie is dead, just not reaped yet
-
-
-def same_process(record: dict) -> bool:
-    """Is record's pid still the process it names (same start time), not a dead one or a recycled pid?"""
-    return record.get("started") is not None and process_start(record["pid"]) == record["started"]
 
 
 def running_server(repo: Path, name: str = "") -> dict | None:
@@ -309,10 +248,21 @@ def stop(repo: Path, name: str = "", grace: float = 15) -> dict | None:
     if state is None:
         return None
     stop_process(state["pid"], timeout=grace)
-    if state.get("supervisor") and same_process(state["supervisor"]):
-        stop_process(state["supervisor"]["pid"], timeout=5)
-    named(repo, STATE_FILE, name).unlink(missing_ok=True)
+    for leftover in (STATE_FILE, admin.KEY_FILE):
+        named(repo, leftover, name).unlink(missing_ok=True)
     return state
+
+
+def exposure_warnings(host: str, openai_port: int | None, api_key: str | None) -> list[str]:
+    """What a bind beyond this machine opens: refused for the OpenAI API without a key; said loudly for Triton,
+    whose inference API has no authentication of its own (its admin APIs are behind the per-start key)."""
+    if is_loopback(host):
+        return []
+    if openai_port and not api_key:
+        raise UserError(f"--host {host} would open the OpenAI API on :{openai_port} to the network without a key",
+                        "pass --api-key (or TRTQWEN_API_KEY), or bind 127.0.0.1")
+    return [f"--host {host}: Triton's inference, metadata and metrics endpoints are open to anyone who can reach this "
+            "machine (Triton has no authentication for them); put it behind a firewall or a proxy that authenticates"]
 
 
 def _record(repo: Path) -> dict:
@@ -376,9 +326,13 @@ def describe_commands(repo: Path, host: str, http_port: int, grpc_port: int, met
     record = _record(repo)
     world, launcher = record.get("serve", {}).get("world_size", 1), record.get("serve", {}).get("launcher")
     install = find_tritonserver()
-    cmd = server_command(install, Path(repo), host, http_port, grpc_port, metrics_port, world, launcher)
+    def shell(cmd: list[str]) -> str:  # "$TRTQWEN_ADMIN_KEY" expands; everything else is quoted as it is
+        return " ".join(f'"{c}"' if "$TRTQWEN_ADMIN_KEY" in c else shlex.quote(c) for c in cmd)
+
+    cmd = server_command(install, Path(repo), host, http_port, grpc_port, metrics_port, world, launcher, ADMIN_KEY_VAR)
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in install.env.items())
-    lines = [f"# here ({install.describe()}):", (env + " " if env else "") + " ".join(shlex.quote(c) for c in cmd)]
+    lines = [f"# here ({install.describe()}; `serve` draws a fresh admin key per start, in {admin.KEY_FILE}):",
+             (env + " " if env else "") + shell(cmd)]
     servers = record.get("serve", {}).get("servers", [])
     if len(servers) > 1:  # the servers layout: the fleet manager runs that command once per replica
         lines.insert(0, f"# {len(servers)} replicas: the command below once per replica with CUDA_VISIBLE_DEVICES="
@@ -388,23 +342,26 @@ def describe_commands(repo: Path, host: str, http_port: int, grpc_port: int, met
         from trtqwen.build.trtllm_build import TRTLLM_IMAGE
 
         inner = server_command(TritonInstall("system", SYSTEM_SERVER), Path("/model_repo"), "0.0.0.0", http_port,
-                               grpc_port, metrics_port, world, launcher)
-        lines += ["# in the TensorRT-LLM container on the 4090D box:",
+                               grpc_port, metrics_port, world, launcher, ADMIN_KEY_VAR)
+        lines += ["# in the TensorRT-LLM container on the 4090D box (TRTQWEN_ADMIN_KEY: a secret of your choosing):",
                   f"docker run --rm --gpus all --ipc=host -p 127.0.0.1:{http_port}:{http_port} "
                   f"-p 127.0.0.1:{grpc_port}:{grpc_port} -p 127.0.0.1:{metrics_port}:{metrics_port} "
                   f"-v {Path(repo).resolve()}:/model_repo -v {record.get('build_dir')}:{record.get('build_dir')} "
-                  f"{TRTLLM_IMAGE} " + " ".join(shlex.quote(c) for c in inner)]
+                  f"{TRTLLM_IMAGE} " + shell(inner)]
     return lines
 
 
-def run_in_foreground(repo: Path, state: dict, host: str, grpc_port: int, openai_port: int | None = None) -> None:
+def run_in_foreground(repo: Path, state: dict, host: str, grpc_port: int, openai_port: int | None = None,
+                      api_key: str | None = None) -> None:
     """Until Ctrl-C or the server exits (with an OpenAI-compatible API in front when asked); the server is stopped
     on the way out, whatever ends it."""
     try:
         if openai_port:
             from trtqwen.clients.openai import serve_openai
 
-            serve_openai(f"{host}:{grpc_port}", host, openai_port)
+            # beyond loopback a key is required (exposure_warnings): any Host may reach it, the key guards it
+            serve_openai(f"{host}:{grpc_port}", host, openai_port, api_key=api_key,
+                         allowed_hosts=() if is_loopback(host) else ("*",))
         else:
             wait_until_exit(state["pid"])
     except KeyboardInterrupt:

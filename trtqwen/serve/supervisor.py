@@ -1,27 +1,41 @@
-"""Keeps a served repository's python models alive: a model stub that dies (killed, out of memory) is reloaded.
+"""Keeps one tritonserver serving, or saying that it cannot: the parent of the server process, started by
+`server.start` with its launch spec as JSON on stdin.
 
-Triton's python backend answers every request to a dead stub with "Stub process is not healthy" while the server
-and the model still say they are ready, so nothing outside would notice. `server.start` runs this next to
-tritonserver; it notes each model's stub processes, and when one of them has died asks Triton to load that model
-again (explicit model control), which starts fresh stubs.
+- A dead server (SIGSTOP'd stub made it abort, out of memory, killed) is started again with the same command, its
+  log kept (tritonserver.log.1, .2, …), its orphaned model stubs killed and their shared memory removed.
+- A dead python-model stub: Triton's python backend answers every request to it with "Stub process is not healthy"
+  while the server says ready. Its model is unloaded and loaded again (a bare load answers 200 and does nothing when
+  Triton thinks the model unchanged), then checked: fresh stubs, model ready. A load that fails leaves Triton not
+  ready (strict readiness counts a model that failed to load), and is retried with backoff.
+- The server dies with this process (PR_SET_PDEATHSIG): a killed supervisor never leaves a server that nobody
+  keeps; its ports close, which load balancers and Kubernetes read as not ready.
 
-    python -m trtqwen.serve.supervisor <repo> <http base url> <tritonserver pid>
+    python -m trtqwen.serve.supervisor < spec.json
 """
 
 from __future__ import annotations
 
+import ctypes
+import json
 import os
+import signal
+import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
-from trtqwen.serve.server import _get, process_start
+from trtqwen.files import rotate
+from trtqwen.serve import admin
+from trtqwen.serve.process import alive, group, http_status, port_free
 
 STUB = b"triton_python_backend_stub"
 INTERVAL_S = 0.5
+BACKOFF_MAX_S = 30.0
+PR_SET_PDEATHSIG = 1
 
 
 def processes():
@@ -34,87 +48,179 @@ def processes():
                 continue
 
 
-def parent(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def stubs(repo: Path, server_pid: int | None = None) -> dict[str, list[int]]:
-    """Live python-backend stubs per model of repo (a stub's command line names its model.py's path), of the server
-    server_pid only when given (replicas serve one repository: the stubs are tritonserver's children)."""
+def stub_processes(repo: Path, pgid: int | None = None) -> dict[int, tuple[str, str]]:
+    """pid → (model, shared-memory region) of the python-backend stubs serving repo (a stub's command line names its
+    model.py and its region), in process group pgid only when given: replicas serve one repository."""
     root = str(Path(repo).resolve()).encode() + b"/"
-    found: dict[str, list[int]] = defaultdict(list)
+    found = {}
     for pid, cmd in processes():
-        if cmd[0].endswith(STUB) and (server_pid is None or parent(pid) == server_pid):
-            arg = next((a for a in cmd[1:] if a.startswith(root)), None)  # None: another server's stub
-            if arg is not None:
-                found[arg[len(root):].split(b"/")[0].decode()].append(pid)
+        if cmd[0].endswith(STUB) and len(cmd) > 2 and (pgid is None or group(pid) == pgid):
+            if cmd[1].startswith(root):  # else another server's stub
+                found[pid] = (cmd[1][len(root):].split(b"/")[0].decode(), cmd[2].decode())
     return found
 
 
-def reload(base: str, model: str) -> str:
-    req = urllib.request.Request(f"{base}/v2/repository/models/{model}/load", data=b"{}", method="POST",
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=600) as r:
-            return f"reloaded ({r.status})"
-    except (urllib.error.URLError, OSError) as e:
-        return f"reload failed: {e}"
-
-
-def alive(pid: int) -> bool:
-    """The process exists and is not a zombie. Judged by its pid, never by reading its command line: under gVisor
-    (the lent GPU machines) /proc/<pid>/cmdline of a busy stub can read empty, and a model was reloaded mid-request."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
+def stubs(repo: Path, pgid: int | None = None) -> dict[str, list[int]]:
+    """Live stubs per model of repo (of the server whose supervisor leads process group pgid, when given)."""
+    found: dict[str, list[int]] = defaultdict(list)
+    for pid, (model, _) in stub_processes(repo, pgid).items():
+        found[model].append(pid)
+    return found
 
 
 def describe(pid: int) -> str:
-    """pid, parent, state and command line as /proc shows them now (for the log)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        state, ppid = fields[0], fields[1]
-    except (OSError, IndexError):
-        state = ppid = "?"
-    try:
-        cmd = b" ".join((Path(f"/proc/{pid}") / "cmdline").read_bytes().split(b"\0")[:3]).decode(errors="replace")
+        cmd = b" ".join(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:3]).decode(errors="replace")
     except OSError as e:
         cmd = f"({e.__class__.__name__})"
-    return f"pid {pid} ppid {ppid} state {state} cmd {cmd[:200]!r}"
+    return f"pid {pid} cmd {cmd[:200]!r}"
 
 
-def supervise(repo: Path, base: str, server_pid: int, say=print) -> None:
-    known = dict(stubs(repo, server_pid))  # model → its stubs' pids; every model is ready by now
-    say(f"watching { {m: len(p) for m, p in known.items()} } under {repo}")
-    for model, pids in known.items():
-        for p in pids:
-            say(f"  {model}: {describe(p)}")
-    while process_start(server_pid) is not None:
-        for model, pids in known.items():
-            gone = [p for p in pids if not alive(p)]
-            # not live: the server is shutting down, its stubs with it
-            if gone and _get(f"{base}/v2/health/live") == 200:
-                say(f"{model}: {len(gone)} of {len(pids)} stub(s) gone; loading it again")
-                for p in gone:
-                    say(f"  gone: {describe(p)}")
-                for p in stubs(repo, server_pid).get(model, []):
-                    say(f"  stubs now: {describe(p)}")
-                say(f"{model}: {reload(base, model)}")
-                known[model] = stubs(repo, server_pid).get(model, [])  # the fresh stubs
-        time.sleep(INTERVAL_S)
+def die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the supervisor dies (however it dies)."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class Supervisor:
+    def __init__(self, spec: dict, say=print):
+        self.repo, self.cmd, self.log, self.base = Path(spec["repo"]), spec["cmd"], Path(spec["log"]), spec["base"]
+        self.host, self.ports, self.watch_stubs = spec["host"], spec["ports"], spec["watch_stubs"]
+        self.key = admin.read_key(Path(spec["key_file"]))
+        self.say, self.stopping = say, threading.Event()
+        self.proc: subprocess.Popen | None = None
+        self.regions: dict[int, str] = {}  # stub pid → its shared-memory region, to remove once it is gone
+
+    # --- the server process -------------------------------------------------------------------------------------
+    def launch(self) -> None:
+        deadline = time.time() + 30  # a server that just died may hold its ports for a moment
+        while not all(port_free(self.host, p) for p in self.ports) and time.time() < deadline:
+            time.sleep(0.2)
+        rotate(self.log)  # the log of a crashed server is the evidence: kept, never truncated
+        with self.log.open("w") as out:
+            self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+        self.say(f"tritonserver started (pid {self.proc.pid})")
+
+    def wait_ready(self) -> bool:
+        while self.proc.poll() is None and not self.stopping.is_set():
+            if http_status(f"{self.base}/v2/health/ready") == 200:
+                return True
+            time.sleep(0.25)
+        return False
+
+    def clean_up_after(self) -> None:
+        """Kill the dead server's orphaned stubs (they would hold the model's memory) and remove their shared memory."""
+        for pid in self.regions:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+        self.forget(list(self.regions))
+
+    def forget(self, dead: list[int]) -> None:
+        """Remove dead stubs' shared-memory regions (up to 63 MB each): nobody unlinks a killed stub's. Mappings
+        the server still holds stay valid; the names are unique per stub."""
+        for pid in dead:
+            if pid in self.regions:
+                Path("/dev/shm", self.regions.pop(pid)).unlink(missing_ok=True)
+
+    # --- the model stubs ----------------------------------------------------------------------------------------
+    def scan(self) -> dict[str, list[int]]:
+        found = stub_processes(self.repo, os.getpgid(0))
+        self.regions.update({pid: region for pid, (_, region) in found.items()})
+        models: dict[str, list[int]] = defaultdict(list)
+        for pid, (model, _) in found.items():
+            models[model].append(pid)
+        return models
+
+    def admin_post(self, path: str) -> str | None:
+        """POST to a restricted Triton API with the key; None on success, else Triton's reason."""
+        req = urllib.request.Request(f"{self.base}{path}", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json", admin.HEADER: self.key or ""})
+        try:
+            with urllib.request.urlopen(req, timeout=600):
+                return None
+        except urllib.error.HTTPError as e:
+            return f"HTTP {e.code}: {e.read().decode(errors='replace')[:500]}"
+        except (urllib.error.URLError, OSError) as e:
+            return str(e)
+
+    def reload(self, model: str, old: list[int]) -> str | None:
+        """Unload and load model, then check it: None when fresh stubs run and it is ready, else why not."""
+        why = self.admin_post(f"/v2/repository/models/{model}/unload") or \
+            self.admin_post(f"/v2/repository/models/{model}/load")
+        if why:
+            return why
+        fresh = [p for p in self.scan().get(model, []) if p not in old and alive(p)]
+        if not fresh:
+            return "loaded, but no stub of it runs"
+        if http_status(f"{self.base}/v2/models/{model}/ready") != 200:
+            return "loaded, but Triton does not say it is ready"
+        return None
+
+    def watch(self) -> None:
+        """Until the server exits or a stop: reload each model whose stub died, retrying with backoff."""
+        known = dict(self.scan())
+        self.say(f"watching { {m: len(p) for m, p in known.items()} } under {self.repo}")
+        failing: dict[str, tuple[int, float]] = {}  # model → (failed attempts, when to try again)
+        while self.proc.poll() is None and not self.stopping.is_set():
+            for model, pids in known.items():
+                gone = [p for p in pids if not alive(p)]
+                # not live: the server is shutting down, its stubs with it
+                if gone and model not in failing and http_status(f"{self.base}/v2/health/live") == 200:
+                    self.say(f"{model}: {len(gone)} of {len(pids)} stub(s) gone ({', '.join(map(str, gone))}); "
+                             "unloading and loading it again")
+                    failing[model] = (0, 0.0)
+                    self.forget(gone)
+            for model, (attempts, when) in list(failing.items()):
+                if time.time() < when or self.proc.poll() is not None:
+                    continue
+                why = self.reload(model, known[model])
+                if why is None:
+                    known[model] = self.scan()[model]
+                    del failing[model]
+                    self.say(f"{model}: loaded again, stubs {known[model]}")
+                else:
+                    wait = min(BACKOFF_MAX_S, 2.0 ** attempts)
+                    failing[model] = (attempts + 1, time.time() + wait)
+                    self.say(f"{model}: reload failed ({why}); the server reports not ready; next try in {wait:.0f} s")
+            self.stopping.wait(INTERVAL_S)
+
+    # --- the whole life ----------------------------------------------------------------------------------------
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stopping.set())
+        first, crashes = True, 0
+        while not self.stopping.is_set():
+            self.launch()
+            if self.wait_ready():
+                first, crashes = False, 0
+                if self.watch_stubs:
+                    self.watch()
+                else:
+                    self.say("watching the server")
+                    while self.proc.poll() is None and not self.stopping.wait(INTERVAL_S):
+                        pass
+            if self.stopping.is_set():
+                break
+            code = self.proc.wait()
+            if first:  # never ready: `server.start` reports the log; starting it again would fail the same way
+                return code or 1
+            self.say(f"tritonserver exited with code {code}; its log is {self.log}.1; starting it again")
+            self.clean_up_after()
+            crashes += 1
+            self.stopping.wait(min(BACKOFF_MAX_S, 0.5 * 2 ** (crashes - 1)))
+        return self.shut_down()
+
+    def shut_down(self) -> int:
+        """A stop: the server got the same SIGTERM (one process group); wait for it, then make sure."""
+        if self.proc and self.proc.poll() is None:
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.say("stopped")
+        return 0
 
 
 if __name__ == "__main__":
-    repo_arg, base_arg, pid_arg = sys.argv[1:4]
-    supervise(Path(repo_arg), base_arg, int(pid_arg),
-              lambda msg: print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True))
+    sys.exit(Supervisor(json.load(sys.stdin), lambda msg: print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)).run())

@@ -12,9 +12,15 @@ CHART = Path(__file__).resolve().parent.parent / "deploy" / "helm" / "trtqwen"
 KUBE = "1.30"
 NS = "llm"
 CRDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
+KEY = {"openai": {"apiKeySecret": {"name": "trtqwen-openai"}}}  # required while openai.enabled (the default)
 FULL = {"replicaCount": 4, "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 6},
         "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},
-        "bench": {"enabled": True}}
+        "bench": {"enabled": True}, **KEY}
+
+
+def merge(a: dict, b: dict) -> dict:
+    return {**a, **{k: merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
+                    for k, v in b.items()}}
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +29,10 @@ def chart():
         yield c
 
 
-def render(chart, values=None):
-    """{(kind, name): object} of everything the chart renders (NOTES.txt aside)."""
+def render(chart, values=None, key=True):
+    """{(kind, name): object} of everything the chart renders (NOTES.txt aside); `key`: with openai.apiKeySecret."""
     objs = {}
+    values = merge(KEY, values or {}) if key else values
     for path, text in chart.render(values, name="demo", namespace=NS).items():
         if path.endswith("NOTES.txt"):
             continue
@@ -57,12 +64,12 @@ def container(obj, name):
     return c
 
 
-@pytest.mark.parametrize("values", [None, FULL, {"modelRepository": {"fromImage": True}, "openai": {"enabled": False},
+@pytest.mark.parametrize("values", [KEY, FULL, {"modelRepository": {"fromImage": True}, "openai": {"enabled": False},
                                                  "bench": {"enabled": True, "helmTest": True},
                                                  "triton": {"podAntiAffinity": "hard"}}],
                          ids=["defaults", "full", "from-image"])
 def test_renders_and_validates(chart, values):
-    objs = render(chart, values)
+    objs = render(chart, values, key=False)
     assert {k for k, _ in objs} >= {"Deployment", "Service", "ServiceAccount"}
     validate(objs)
     report = lint(CHART, values, strict=True, kube_version=f"v{KUBE}.0")
@@ -146,7 +153,8 @@ def test_full(chart):
     assert cmd[:2] == ["trtqwen", "openai"] and cmd[cmd.index("--url") + 1] == f"{host}:8001"
     assert cmd[cmd.index("--host") + 1] == "0.0.0.0" and cmd[cmd.index("--port") + 1] == "9000"
     assert cmd[cmd.index("--served-model-name") + 1] == "qwen2.5"
-    assert oa["readinessProbe"]["httpGet"]["path"] == "/v1/models"
+    assert oa["readinessProbe"] == {"tcpSocket": {"port": "http"}, "periodSeconds": 10, "timeoutSeconds": 5,
+                                    "failureThreshold": 3}
     assert one(objs, "Service", "-openai")["spec"]["ports"][0]["port"] == 9000
 
     job = one(objs, "Job", "-bench")
@@ -187,7 +195,7 @@ def test_trtqwen_deploy_writes_validated_manifests_or_nothing(tmp_path):
     from trtqwen.cli import app
 
     values = tmp_path / "v.yaml"
-    values.write_text(yaml.safe_dump({"replicaCount": 2, "bench": {"enabled": True}}))
+    values.write_text(yaml.safe_dump({"replicaCount": 2, "bench": {"enabled": True}, **KEY}))
     out = tmp_path / "manifests"
     r = CliRunner().invoke(app, ["deploy", "-f", str(values), "--set", "replicaCount=3", "--out", str(out),
                                  "--namespace", NS])
@@ -196,3 +204,149 @@ def test_trtqwen_deploy_writes_validated_manifests_or_nothing(tmp_path):
     assert deployment["spec"]["replicas"] == 3 and (out / "bench-job.yaml").is_file()  # --set wins over the file
     bad = CliRunner().invoke(app, ["deploy", "--set", "replicaCount=0", "--out", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "replicaCount" in bad.output and not (tmp_path / "bad").exists()
+    keyless = CliRunner().invoke(app, ["deploy", "--out", str(tmp_path / "keyless")])  # the defaults: no Secret named
+    assert keyless.exit_code == 2 and not (tmp_path / "keyless").exists()
+    assert "openai.apiKeySecret.name" in keyless.output and "create secret generic" in keyless.output
+
+
+# --- the OpenAI proxy: API key from a Secret, Host check, probes -----------------------------------------------
+
+@pytest.mark.parametrize("values", [None, {"openai": {"apiKeySecret": {"name": ""}}},
+                                    {"openai": {"apiKeySecret": {"key": "token"}}}])
+def test_openai_refuses_to_render_without_the_key_secret(chart, values):
+    with pytest.raises(helm_python.errors.HelmError) as e:
+        chart.render(values, name="demo", namespace=NS)
+    msg = str(e.value)
+    assert "openai.apiKeySecret.name is required" in msg
+    key = (values or {}).get("openai", {}).get("apiKeySecret", {}).get("key", "api-key")
+    assert f"kubectl -n {NS} create secret generic trtqwen-openai --from-literal={key}=$(openssl rand -hex 32)" in msg
+    assert "openai.apiKeySecret.name=trtqwen-openai" in msg and "openai.enabled=false" in msg
+    render(chart, merge(values or {}, {"openai": {"enabled": False}}), key=False)  # no proxy, no key needed
+
+
+@pytest.mark.parametrize("values, named", [
+    ({"openai": {"apiKeySecret": {"name": "Not_A_Name"}}}, "apiKeySecret/name"),
+    ({"openai": {"apiKeySecret": {"name": "k", "key": ""}}}, "apiKeySecret/key"),
+    ({"openai": {"apiKeySecret": "trtqwen-openai"}}, "apiKeySecret"),
+    ({"openai": {"apiKeySecrets": {"name": "k"}}}, "apiKeySecrets"),  # a typo is refused, not ignored
+    ({"openai": {"allowedHosts": "*"}}, "allowedHosts"),
+    ({"openai": {"allowedHosts": ["a b"]}}, "allowedHosts/0"),
+    ({"openai": {"allowedOrigins": ["chat.example.com"]}}, "allowedOrigins/0"),
+    ({"openai": {"extraArgs": ["--api-key=sk-123"]}}, "openai.extraArgs must not carry --api-key"),
+    ({"openai": {"env": [{"name": "TRTQWEN_API_KEY", "value": "sk-123"}]}}, "openai.env must not set TRTQWEN_API_KEY"),
+])
+def test_openai_bad_values_refused(chart, values, named):
+    with pytest.raises(helm_python.errors.HelmError) as e:
+        chart.render(merge(KEY, values), name="demo", namespace=NS)
+    assert named in str(e.value)
+
+
+def test_openai_deployment_takes_the_key_from_the_secret(chart):
+    dep = one(render(chart), "Deployment", "-openai")
+    c = container(dep, "openai")
+    assert c["env"] == [{"name": "TRTQWEN_API_KEY",
+                         "valueFrom": {"secretKeyRef": {"name": "trtqwen-openai", "key": "api-key"}}}]
+    cmd = c["command"]
+    assert cmd[cmd.index("--allowed-host") + 1] == "*" and cmd.count("--allowed-host") == 1
+    assert "--allowed-origin" not in cmd and not any(a.startswith("--api-key") for a in cmd)
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert "httpGet" not in c[probe] and ports[c[probe]["tcpSocket"]["port"]] == 9000  # no key, no Host needed
+    assert "startupProbe" not in c
+
+    objs = render(chart, {"openai": {"apiKeySecret": {"name": "llm-key", "key": "token"},
+                                     "allowedHosts": ["demo-trtqwen-openai.llm.svc", "demo-trtqwen-openai"],
+                                     "allowedOrigins": ["https://chat.example.com"],
+                                     "env": [{"name": "HF_HOME", "value": "/tmp/hf"}], "port": 9100}})
+    validate(objs)
+    c = container(one(objs, "Deployment", "-openai"), "openai")
+    assert c["env"][0]["valueFrom"]["secretKeyRef"] == {"name": "llm-key", "key": "token"}
+    assert c["env"][1] == {"name": "HF_HOME", "value": "/tmp/hf"}
+    cmd = c["command"]
+    assert [cmd[i + 1] for i, a in enumerate(cmd) if a == "--allowed-host"] == ["demo-trtqwen-openai.llm.svc",
+                                                                                 "demo-trtqwen-openai"]
+    assert [cmd[i + 1] for i, a in enumerate(cmd) if a == "--allowed-origin"] == ["https://chat.example.com"]
+    assert c["readinessProbe"]["tcpSocket"]["port"] == "http" and c["ports"][0]["containerPort"] == 9100
+    c = container(one(render(chart, {"openai": {"allowedHosts": []}}), "Deployment", "-openai"), "openai")
+    assert "--allowed-host" not in c["command"]
+
+
+def test_nothing_else_calls_the_openai_api(chart):
+    """The bench Job (and its wait-for-triton init container) talk to Triton directly, never to the keyed proxy."""
+    objs = render(chart, {**FULL, "bench": {"enabled": True, "helmTest": True}})
+    proxy = one(objs, "Service", "-openai")["metadata"]["name"]
+    for (kind, name), obj in objs.items():
+        if name == proxy:
+            continue
+        assert proxy not in yaml.safe_dump(obj), (kind, name)
+    job = one(objs, "Job", "-bench")["spec"]["template"]["spec"]
+    for c in job["initContainers"] + job["containers"]:
+        assert "-triton." in " ".join(c["command"]) and "/v1/" not in " ".join(c["command"])
+
+
+def test_openai_args_are_the_cli_s_and_let_in_cluster_clients_in(chart, monkeypatch):
+    """The rendered command, run through the real `trtqwen openai` (uvicorn.run stubbed: no server), with the env
+    the Secret provides: it starts on 0.0.0.0, and a client using the Service name gets in with the key only."""
+    import uvicorn
+    from starlette.testclient import TestClient
+    from typer.testing import CliRunner
+
+    from trtqwen.cli import app
+
+    objs = render(chart, {"openai": {"allowedOrigins": ["https://chat.example.com"], "model": "ensemble"}})
+    c = container(one(objs, "Deployment", "-openai"), "openai")
+    cmd = c["command"]
+    assert cmd[:2] == ["trtqwen", "openai"]
+    (env,) = c["env"]
+    started = []
+    monkeypatch.setattr(uvicorn, "run", lambda app_, host, port, **kw: started.append((app_, host, port)))
+    monkeypatch.delenv("TRTQWEN_API_KEY", raising=False)
+    keyless = CliRunner().invoke(app, cmd[1:])  # without the Secret's env the CLI refuses, as the chart's fail says
+    assert keyless.exit_code == 2 and "API key" in keyless.output and started == []
+    r = CliRunner().invoke(app, cmd[1:], env={env["name"]: "sk-test"})
+    assert r.exit_code == 0, r.output
+    ((api, host, port),) = started
+    assert (host, port) == ("0.0.0.0", c["ports"][0]["containerPort"])
+
+    svc = one(objs, "Service", "-openai")["metadata"]["name"]
+    auth = {"Authorization": "Bearer sk-test"}
+    for base in (f"http://{svc}.{NS}.svc:9000", f"http://{svc}:9000", "http://10.1.2.3:9000",
+                 "http://localhost:9000"):  # Service FQDN, short name, pod IP, port-forward
+        client = TestClient(api, base_url=base)
+        assert client.get("/v1/models").status_code == 401
+        assert client.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        ok = client.get("/v1/models", headers=auth)
+        assert ok.status_code == 200 and ok.json()["data"][0]["id"] == "qwen2.5"
+    client = TestClient(api, base_url=f"http://{svc}:9000")
+    assert client.get("/v1/models", headers={**auth, "Origin": "https://chat.example.com"}).status_code == 200
+    assert client.get("/v1/models", headers={**auth, "Origin": "https://evil.example"}).status_code == 403
+
+    # a restricted allowedHosts list: the names listed get in, any other Host is refused
+    started.clear()
+    listed = f"{svc}.{NS}.svc"
+    cmd = container(one(render(chart, {"openai": {"allowedHosts": [listed]}}), "Deployment", "-openai"),
+                    "openai")["command"]
+    assert CliRunner().invoke(app, cmd[1:], env={env["name"]: "sk-test"}).exit_code == 0
+    api = started[-1][0]
+    assert TestClient(api, base_url=f"http://{listed}:9000").get("/v1/models", headers=auth).status_code == 200
+    assert TestClient(api, base_url="http://rebound.example:9000").get("/v1/models", headers=auth).status_code == 403
+
+
+def test_openai_options_exist_in_the_cli(chart):
+    """Every option the chart can render is one `trtqwen openai` declares, and the key's env var is the CLI's."""
+    import typer.main
+
+    from trtqwen.cli import app
+
+    cmd = typer.main.get_command(app).commands["openai"]
+    opts = {o for p in cmd.params for o in p.opts}
+    (api_key,) = [p for p in cmd.params if p.name == "api_key"]
+    everything = {"openai": {"model": "tensorrt_llm_bls", "tokenizer": "/tok", "allowedOrigins": ["*"],
+                             "allowedHosts": ["a", "b"]}}
+    c = container(one(render(chart, everything), "Deployment", "-openai"), "openai")
+    rendered = {a for a in c["command"][2:] if a.startswith("--")}
+    assert rendered == {"--url", "--host", "--port", "--served-model-name", "--model", "--tokenizer",
+                        "--allowed-host", "--allowed-origin"} and rendered <= opts
+    assert api_key.envvar == c["env"][0]["name"] == "TRTQWEN_API_KEY"
+    ctx = cmd.make_context("openai", list(c["command"][2:]))  # parses (types included) without running it
+    assert ctx.params["allowed_host"] == ["a", "b"] and ctx.params["port"] == 9000

@@ -106,3 +106,20 @@ time over its cumulative compute time for one model, per pod, over autoscaling.m
 {{- end }}
 {{- end }}
 {{- end }}
+
+{{/* The OpenAI proxy binds 0.0.0.0, which `trtqwen openai` refuses without an API key: it must come from a Secret. */}}
+{{- define "trtqwen.openai.validate" -}}
+{{- if not .Values.openai.apiKeySecret.name }}
+{{- fail (printf "openai.apiKeySecret.name is required while openai.enabled: the OpenAI proxy listens on 0.0.0.0 and needs an API key from an existing Secret. Create it and set the value, e.g.\n  kubectl -n %s create secret generic trtqwen-openai --from-literal=%s=$(openssl rand -hex 32)\n  helm ... --set openai.apiKeySecret.name=trtqwen-openai\n(or set openai.enabled=false)" .Release.Namespace .Values.openai.apiKeySecret.key) }}
+{{- end }}
+{{- range .Values.openai.extraArgs }}
+{{- if hasPrefix "--api-key" . }}
+{{- fail "openai.extraArgs must not carry --api-key (the key would sit in the pod spec): put it in a Secret and name it in openai.apiKeySecret" }}
+{{- end }}
+{{- end }}
+{{- range .Values.openai.env }}
+{{- if eq .name "TRTQWEN_API_KEY" }}
+{{- fail "openai.env must not set TRTQWEN_API_KEY: the chart sets it from openai.apiKeySecret" }}
+{{- end }}
+{{- end }}
+{{- end }}

@@ -149,6 +149,9 @@ class ModelRunner:
     def sample(self, reqs: list[Request], logits: torch.Tensor, ahead: int = 0) -> Sampled:
         """One token per request, counted for penalties on the device. ahead: tokens already sampled for each
         request but not yet in req.output (the host has not read them)."""
+        for r in reqs:  # the test hook (LLMEngine.add's fault_at): this request breaks the whole batched step
+            if r.fault_at is not None and len(r.output) + ahead + 1 >= r.fault_at:
+                raise RuntimeError(f"injected test fault: request {r.id} breaks the step at its token {r.fault_at}")
         generated = [len(r.output) + ahead for r in reqs]
         counts = out_counts = None
         if self.counts is not None:
@@ -183,9 +186,12 @@ class ModelRunner:
             B = self.graphs.padded(B)
         tokens = torch.zeros(B, dtype=torch.long)
         positions = torch.zeros(B, dtype=torch.long)
-        for slot in range(B):  # idle or prefilling slots write where their next prefill overwrites
+        # Slots outside this batch write where their own next write lands anyway: an idle slot at 0, a prompt in
+        # progress at its next chunk, a sequence that decodes elsewhere (LLMEngine splits a failing batch to find
+        # the request at fault) one past the token it feeds now (its next step writes there before it reads it).
+        for slot in range(B):
             r = running.get(slot)
-            positions[slot] = r.computed if r is not None else 0
+            positions[slot] = 0 if r is None else r.length if r.output else r.computed
         for r in decoding:
             tokens[r.slot] = r.output[-1]
             positions[r.slot] = r.length - 1

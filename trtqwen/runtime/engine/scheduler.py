@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 
 from trtqwen.runtime.engine.sequence import Request
@@ -54,6 +55,7 @@ class Scheduler:
             while self.waiting and self.free_slots:
                 req = self.waiting.pop(0)
                 req.slot = self.free_slots.pop(0)
+                req.scheduled_ns = time.monotonic_ns()
                 self.running[req.slot] = req
                 admitted.append(req)
         return admitted

@@ -37,6 +37,13 @@ USER_NAMES = {"runtime_top_k": "top_k", "runtime_top_p": "top_p", "len_penalty":
               "request_output_len": "max_tokens", "input_ids": "text_input"}  # what ensemble/BLS callers send
 
 
+# Request parameters a model reads. Triton's HTTP generate endpoint makes every JSON key that is not an input of the
+# model a request parameter (`ignore_eos`, `n`, `logprobs`, …), gRPC clients may send any, and an ensemble forwards
+# its request's to every step: tensorrtllm_backend's clients send every value as an input tensor, so none is read and
+# each one sent is refused (check_parameters) rather than silently ignored.
+ACCEPTED_PARAMETERS: frozenset = frozenset()
+
+
 class BadRequest(ValueError):
     """The client's mistake; the message names the field and what it may be."""
 
@@ -55,6 +62,36 @@ def check_sampling(values: dict) -> None:
         rule = SAMPLING_RULES.get(name)
         if rule is not None and v is not None and not (math.isfinite(v) and rule[0](v)):
             raise BadRequest(f"{field(name)} must be {rule[1]}, got {v}")
+
+
+def check_parameters(raw: str | None) -> None:
+    """Refuse the request parameters (`request.parameters()`, JSON) that no model reads, naming them."""
+    try:
+        params = json.loads(raw) if raw else {}
+    except ValueError:
+        params = {}
+    unknown = sorted(set(params) - ACCEPTED_PARAMETERS)
+    if unknown:
+        them = "them" if len(unknown) > 1 else "it"
+        raise BadRequest(f"unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: no input of this "
+                         f"model is called that (see the inputs in its config), and nothing sent is silently ignored: "
+                         f"leave {them} out")
+
+
+def check_token_id(name: str, value, vocab: int, lowest: int = 0) -> None:
+    """A token id that indexes the model's vocabulary (TensorRT-LLM: end_id in [-1, vocab), -1 meaning none)."""
+    if value is not None and not lowest <= int(value) < vocab:
+        none = " (-1: no end id)" if lowest == -1 else ""
+        raise BadRequest(f"{field(name)} must be a token id in [{lowest}, {vocab}){none}, got {int(value)}")
+
+
+def check_token_ids(name: str, ids, vocab: int) -> None:
+    """Every id of a list (prompt, stop/bad words) inside the vocabulary, as TensorRT-LLM checks a prompt's."""
+    a = np.asarray(ids, dtype=np.int64).reshape(-1)
+    bad = a[(a < 0) | (a >= vocab)]
+    if bad.size:
+        raise BadRequest(f"{name} has token ids outside the vocabulary [0, {vocab}): {bad[:4].tolist()}"
+                         + (f" and {bad.size - 4} more" if bad.size > 4 else ""))
 
 
 def check_stub_numpy() -> None:
@@ -142,11 +179,13 @@ def to_word_list_format(word_lists: list[list[str]], encode) -> np.ndarray:
     return out
 
 
-def parse_word_list(arr) -> list[list[int]]:
+def parse_word_list(arr, name: str = "word list") -> list[list[int]]:
     """[2, L] (or [1, 2, L]) flat ids + end offsets → list of token sequences."""
     if arr is None:
         return []
     a = np.asarray(arr)
+    if a.size % 2:
+        raise BadRequest(f"{name} must be [2, n] (ids, then end offsets), got shape {list(a.shape)}")
     a = a.reshape(2, -1) if a.size else np.zeros((2, 0), dtype=np.int32)
     ids, ends = a[0].tolist(), a[1].tolist()
     words, start = [], 0

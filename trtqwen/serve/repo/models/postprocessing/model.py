@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from trtqwen_text import Profile, as_bool, config_param, load_tokenizer, model_config
+from trtqwen_text import BadRequest, Profile, as_bool, check_parameters, config_param, load_tokenizer, model_config
 
 
 class TritonPythonModel:
@@ -26,6 +26,7 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
+                check_parameters(request.parameters())
                 tokens = pb_utils.get_input_tensor_by_name(request, "TOKENS_BATCH").as_numpy()
                 lengths = pb_utils.get_input_tensor_by_name(request, "SEQUENCE_LENGTH").as_numpy()
                 if tokens.ndim != 3:  # [batch, beam, tokens] as tensorrt_llm sends them; tolerate [batch, tokens]
@@ -36,6 +37,9 @@ class TritonPythonModel:
                 texts = self.tokenizer.batch_decode(seqs, skip_special_tokens=self.skip_special_tokens)
                 out = np.array([t.encode("utf-8") for t in texts], dtype=np.object_)  # [batch × beam], as upstream's
                 responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("OUTPUT", out)]))
+            except BadRequest as e:
+                responses.append(pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG)))
             except Exception as e:  # noqa: BLE001
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"postprocessing: {e}")))
         now = time.perf_counter()

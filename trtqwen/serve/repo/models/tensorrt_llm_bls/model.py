@@ -17,7 +17,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 from trtqwen_interface import ENSEMBLE_TRTLLM_INPUTS, PASSTHROUGH_OUTPUTS, TEXT_INPUTS
 from trtqwen_text import (BAD_REQUEST, SAMPLING_RULES, BadRequest, IncrementalDecoder, TextDeltas, as_bool,
-                          check_sampling, config_param, load_tokenizer, model_config, utf8, words_of)
+                          check_parameters, check_sampling, config_param, load_tokenizer, model_config, utf8, words_of)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 PREPROCESSING_INPUTS = {"QUERY": "text_input", "REQUEST_OUTPUT_LEN": "max_tokens", "BAD_WORDS_DICT": "bad_words",
@@ -60,12 +60,13 @@ class TritonPythonModel:
                 if t is not None:
                     inputs[name] = np.array(t.as_numpy(), copy=True)
             sender = request.get_response_sender()
-            threading.Thread(target=self._serve, args=(inputs, sender), daemon=True).start()
+            threading.Thread(target=self._serve, args=(inputs, sender, request.parameters()), daemon=True).start()
         return None
 
     # --- one request, in its own thread ------------------------------------------------------------------------
-    def _serve(self, inputs: dict, sender):
+    def _serve(self, inputs: dict, sender, parameters: str = ""):
         try:
+            check_parameters(parameters)
             self._validate(inputs)
             stream = as_bool(inputs["stream"].reshape(-1)[0]) if inputs.get("stream") is not None else False
             if stream and not self.decoupled:
@@ -136,7 +137,7 @@ class TritonPythonModel:
         want_out = "return_num_output_tokens" in inputs and as_bool(inputs["return_num_output_tokens"].reshape(-1)[0])
         decoder = IncrementalDecoder(self.tokenizer, self.skip_special_tokens)
         responses = trt_request.exec(decoupled=True) if self.decoupled else [trt_request.exec()]
-        all_ids, unsent = [], 0
+        all_ids, unsent, passthrough = [], 0, []
         for resp in responses:
             if resp.has_error():
                 self._send(sender, _error(resp.error().message()), FINAL)
@@ -144,6 +145,7 @@ class TritonPythonModel:
             ids_t = pb_utils.get_output_tensor_by_name(resp, "output_ids")
             if ids_t is None:
                 continue  # an empty final response
+            passthrough = self._passthrough(resp)  # the latest (perf metrics, token counts) go with the final too
             n = int(pb_utils.get_output_tensor_by_name(resp, "sequence_length").as_numpy().reshape(-1)[0])
             ids = ids_t.as_numpy().reshape(-1)[:n].tolist()
             all_ids += ids
@@ -156,7 +158,7 @@ class TritonPythonModel:
                 text = self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
             if not text:
                 continue  # part of a character: it goes out with the next token
-            extra = self._passthrough(resp) + self._count(want_out, unsent)
+            extra = passthrough + self._count(want_out, unsent)
             unsent = 0
             if not self._send(sender, self._text_response(text, extra)):
                 self._stop(request_id)
@@ -168,12 +170,12 @@ class TritonPythonModel:
         if stream:
             rest = decoder.flush() if self.accumulate else ""
             if rest or unsent:
-                self._send(sender, self._text_response(rest, self._count(want_out, unsent)), FINAL)
+                self._send(sender, self._text_response(rest, passthrough + self._count(want_out, unsent)), FINAL)
             else:
                 self._send(sender, None, FINAL)
         else:
             text = self.tokenizer.decode(all_ids, skip_special_tokens=self.skip_special_tokens)
-            self._send(sender, self._text_response(text, self._count(want_out, len(all_ids))), FINAL)
+            self._send(sender, self._text_response(text, passthrough + self._count(want_out, len(all_ids))), FINAL)
 
     @staticmethod
     def _passthrough(resp) -> list:

@@ -9,7 +9,9 @@ server can carry. Every response decodes to whole characters (a CJK character
 split over two tokens goes out in one response), and carries its text (`text_output`, what the ensemble returns:
 decoded here once, so the ensemble needs no postprocessing hop) besides the ids.
 A request whose client has gone is cancelled at the next step; a bad request gets an error response and
-the model keeps serving.
+the model keeps serving. Every value that indexes a tensor (input_ids, end_id, pad_id, stop/bad word ids) is checked
+against the vocabulary before it joins the batch; a request that still fails in the engine fails alone (LLMEngine
+isolates it), and only a broken engine fails every stream (`_fail_all`, then a new engine).
 """
 
 import faulthandler
@@ -21,8 +23,9 @@ import uuid
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from trtqwen_text import (REPLACEMENT, SAMPLING_RULES, BadRequest, Profile, as_bool, check_sampling, config_param,
-                          load_tokenizer, model_config, parse_word_list)
+from trtqwen_text import (REPLACEMENT, SAMPLING_RULES, BadRequest, Profile, as_bool, check_parameters,
+                          check_sampling, check_token_id, check_token_ids, config_param, load_tokenizer, model_config,
+                          parse_word_list)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 CANCEL_CHECK_S = 0.1
@@ -30,6 +33,12 @@ UNSUPPORTED = {  # inputs this runtime cannot honour: refuse rather than silentl
     "return_log_probs": "log probabilities", "return_context_logits": "context logits",
     "return_generation_logits": "generation logits",
 }
+# TRTQWEN_TEST_FAULTS=1 in the server's environment (tests only): a request id `trtqwen-test-fault-at-<n>` makes the
+# engine's batched step raise at that request's n-th output token (LLMEngine.add fault_at), to show it fails alone.
+FAULT_PREFIX = "trtqwen-test-fault-at-"
+PERF_OUTPUTS = ("kv_cache_alloc_new_blocks", "kv_cache_reused_blocks", "kv_cache_alloc_total_blocks", "arrival_time_ns",
+                "first_scheduled_time_ns", "first_token_time_ns", "last_token_time_ns", "acceptance_rate",
+                "total_accepted_draft_tokens", "total_draft_tokens")
 
 
 def _value(request, name, default=None):
@@ -43,7 +52,8 @@ def _value(request, name, default=None):
 class Stream:
     """One client request in flight."""
 
-    def __init__(self, sender, request_id, prompt, streaming, exclude_input, want_in, want_out, requested):
+    def __init__(self, sender, request_id, prompt, streaming, exclude_input, want_in, want_out, requested,
+                 perf=False):
         self.sender, self.request_id, self.prompt = sender, request_id, prompt
         self.streaming, self.exclude_input = streaming, exclude_input
         self.requested = requested  # the output names the request asked for: every response carries only these
@@ -58,6 +68,9 @@ class Stream:
         self.reason: str | None = None  # the engine's finish reason (stepping thread), published as `finish`
         self.req = None  # the engine's Request
         self.closed = False
+        # return_perf_metrics: time.monotonic_ns() (TensorRT-LLM's steady clock) at arrival, first and last token
+        self.perf = perf and not requested.isdisjoint(PERF_OUTPUTS)
+        self.arrival_ns, self.first_token_ns, self.last_token_ns = time.monotonic_ns(), 0, 0
 
 
 class TritonPythonModel:
@@ -74,13 +87,15 @@ class TritonPythonModel:
             sys.path.insert(0, param("trtqwen_src", ""))
         import torch
         from trtqwen.runtime import LLMEngine, SamplingParams, load_model
+        from trtqwen.errors import UserError
 
-        self.torch, self.SamplingParams, self.LLMEngine = torch, SamplingParams, LLMEngine
+        self.torch, self.SamplingParams, self.LLMEngine, self.UserError = torch, SamplingParams, LLMEngine, UserError
         self.max_input_len = int(param("max_input_len"))
         self.max_seq_len = int(param("max_seq_len"))
         self.max_num_tokens = int(param("max_num_tokens", "8192"))
         self.end_id = int(param("end_id", "151645"))
         self.pad_id = int(param("pad_id", "151643"))
+        self.faults = os.environ.get("TRTQWEN_TEST_FAULTS") == "1"  # the test hook (FAULT_PREFIX)
         self.exclude_input_default = as_bool(param("exclude_input_in_output"), False)
         self.max_batch_size = max(1, int(cfg.get("max_batch_size") or 1))
         self.device, gpus = self._devices(args, param("gpu_device_ids", "0"))
@@ -90,6 +105,7 @@ class TritonPythonModel:
                                 gpu_ids=gpus, tp=int(param("tensor_parallel_size", "1")))
         if self.device.startswith("cuda") and as_bool(param("torch_compile"), True):
             self.model.compile()  # fused decode blocks; the engine then captures CUDA graphs of them
+        self.vocab = int(self.model.cfg.vocab_size)  # what every token id must index (the logits' width)
         self.slots = self._slots(float(param("kv_cache_free_gpu_mem_fraction", "0.9")))
         self.engine = self._new_engine()
         self.tokenizer = None
@@ -162,6 +178,7 @@ class TritonPythonModel:
     def _add(self, request, sender):
         if self.broken:
             raise RuntimeError(self.broken)
+        check_parameters(request.parameters())
         streaming = as_bool(_value(request, "streaming"), False)
         if streaming and not self.decoupled:
             raise BadRequest("streaming needs decoupled mode: package the repository with streaming on")
@@ -176,6 +193,7 @@ class TritonPythonModel:
         prompt = [int(x) for x in ids[:n]]
         if not prompt:
             raise BadRequest("the prompt is empty: send a non-empty text_input / input_ids")
+        check_token_ids("input_ids", prompt, self.vocab)  # TensorRT-LLM's checkTokenIdRange
         if len(prompt) > self.max_input_len:
             raise BadRequest(f"the prompt has {len(prompt)} tokens, more than max_input_len {self.max_input_len}: "
                              "shorten it, or build and package with a larger --max-input-len")
@@ -198,7 +216,14 @@ class TritonPythonModel:
         for name in ("beam_width", "num_return_sequences"):
             if (sent[name] or 1) > 1:
                 raise BadRequest(f"{name} > 1 is not supported by the torch runtime (sampling, one sequence)")
-        if parse_word_list(self._array(request, "bad_words_list")):
+        end_id, pad_id = _value(request, "end_id", self.end_id), _value(request, "pad_id", self.pad_id)
+        check_token_id("end_id", end_id, self.vocab, lowest=-1)  # as TensorRT-LLM's LlmRequest::validate
+        check_token_id("pad_id", pad_id, self.vocab)
+        stop_words = parse_word_list(self._array(request, "stop_words_list"), "stop_words_list")
+        check_token_ids("stop_words_list", [t for w in stop_words for t in w], self.vocab)
+        bad_words = parse_word_list(self._array(request, "bad_words_list"), "bad_words_list")
+        check_token_ids("bad_words_list", [t for w in bad_words for t in w], self.vocab)
+        if bad_words:
             raise BadRequest("bad_words are not supported by the torch runtime: serve with --runtime trtllm")
         given = lambda name, default: default if sent[name] is None else sent[name]  # noqa: E731
         params = self.SamplingParams(
@@ -211,9 +236,9 @@ class TritonPythonModel:
             presence_penalty=float(given("presence_penalty", 0.0)),
             frequency_penalty=float(given("frequency_penalty", 0.0)),
             min_tokens=int(given("min_tokens", 0)),
-            end_id=int(_value(request, "end_id", self.end_id)),
-            pad_id=int(_value(request, "pad_id", self.pad_id)),
-            stop_words=parse_word_list(self._array(request, "stop_words_list")),
+            end_id=None if int(end_id) == -1 else int(end_id),  # -1: no end id (generate up to max_tokens)
+            pad_id=int(pad_id),
+            stop_words=stop_words,
         )
         requested = frozenset(request.requested_output_names())
         if "text_output" in requested and self.tokenizer is None:
@@ -222,12 +247,21 @@ class TritonPythonModel:
         stream = Stream(sender, request_id, prompt, streaming,
                         as_bool(_value(request, "exclude_input_in_output"), self.exclude_input_default),
                         as_bool(_value(request, "return_num_input_tokens"), False),
-                        as_bool(_value(request, "return_num_output_tokens"), False), requested)
+                        as_bool(_value(request, "return_num_output_tokens"), False), requested,
+                        as_bool(_value(request, "return_perf_metrics"), False))
+        fault_at = None
+        if self.faults and request_id.startswith(FAULT_PREFIX):
+            fault_at = int(request_id[len(FAULT_PREFIX):].split("-")[0])
 
         def on_token(req, token, reason, stream=stream):  # called in the stepping thread
             if token is not None:
                 stream.new.append(token)
                 stream.output.append(token)
+                stream.last_token_ns = time.monotonic_ns()
+                stream.first_token_ns = stream.first_token_ns or stream.last_token_ns
+            if reason == "error":  # this request failed in the engine; the batch went on without it
+                stream.error = f"generation failed for this request (the others in its batch went on): {req.error}"
+                self.logger.log_error(f"[trtqwen] request {stream.request_id} failed alone: {req.error}")
             if reason is not None:
                 stream.reason = reason
             self.dirty.append(stream)
@@ -235,10 +269,12 @@ class TritonPythonModel:
         with self.lock:
             self.streams[request_id] = stream
         try:
-            stream.req = self.engine.add(prompt, params, on_token)
-        except Exception:
+            stream.req = self.engine.add(prompt, params, on_token, fault_at=fault_at)
+        except Exception as e:
             with self.lock:
                 self.streams.pop(request_id, None)
+            if isinstance(e, self.UserError):  # the engine's own checks: the client's mistake
+                raise BadRequest(str(e)) from None
             raise
 
     @staticmethod
@@ -353,7 +389,22 @@ class TritonPythonModel:
         if s.want_out:
             n = len(ids) if s.streaming or s.exclude_input else len(s.output)
             out.append(pb_utils.Tensor("num_output_tokens", np.array([[n]], dtype=np.int32)))
+        if s.perf:
+            out += self._perf_metrics(s)
         return pb_utils.InferenceResponse(output_tensors=out)
+
+    @staticmethod
+    def _perf_metrics(s: Stream) -> list:
+        """return_perf_metrics: tensorrtllm_backend's outputs, [1, 1] each. The runtime's KV cache is one slot per
+        request, counted as one block, never reused; it drafts no tokens (acceptance rate 0)."""
+        scheduled = getattr(s.req, "scheduled_ns", None) or 0
+        values = {"kv_cache_alloc_new_blocks": (1, np.int32), "kv_cache_reused_blocks": (0, np.int32),
+                  "kv_cache_alloc_total_blocks": (1, np.int32), "arrival_time_ns": (s.arrival_ns, np.int64),
+                  "first_scheduled_time_ns": (scheduled, np.int64), "first_token_time_ns": (s.first_token_ns, np.int64),
+                  "last_token_time_ns": (s.last_token_ns, np.int64), "acceptance_rate": (0.0, np.float32),
+                  "total_accepted_draft_tokens": (0, np.int32), "total_draft_tokens": (0, np.int32)}
+        return [pb_utils.Tensor(name, np.array([[v]], dtype=t)) for name, (v, t) in values.items()
+                if name in s.requested]
 
     def _send(self, s, sender, response, flags) -> bool:
         t0 = time.perf_counter()

@@ -144,6 +144,12 @@ def test_unknown_parameters_are_refused_naming_them(served_tiny, model):
     assert error_of(served_tiny[0], model, inputs) is None  # the same request without them is answered
 
 
+def test_inputs_no_model_declares_are_refused(served_tiny):
+    """embedding_bias (TensorRT-LLM's [vocab] logits bias) and the like are not declared: Triton itself refuses them."""
+    message = error_of(served_tiny[0], "tensorrt_llm", token_request(embedding_bias=np.zeros((1, 5), np.float32)))
+    assert message and "unexpected inference input 'embedding_bias'" in message
+
+
 def test_invalid_utf8_is_refused(served_tiny):
     inputs = text_request()
     inputs["text_input"] = np.array([[b"caf\xe9 \xff"]], dtype=object)

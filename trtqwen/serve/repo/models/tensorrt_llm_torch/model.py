@@ -327,7 +327,15 @@ class TritonPythonModel:
                     s.pending = []
                 self.outbox = {}
             for s, ids, finish in batch:
-                self._flush(s, ids, finish)
+                try:
+                    self._flush(s, ids, finish)
+                except Exception as e:  # noqa: BLE001 - one stream's response (its text, say) fails that stream only
+                    self.logger.log_error(f"[trtqwen] request {s.request_id}: responding failed: {e!r}")
+                    if s.req is not None:
+                        self.engine.cancel(s.req)
+                    if not s.closed:
+                        self._close(s, pb_utils.InferenceResponse(
+                            error=pb_utils.TritonError(f"responding to this request failed: {e}")))
             now = time.perf_counter()
             if now - last_check > CANCEL_CHECK_S:  # here, not in the stepper: a sender is asked only while open
                 last_check = now

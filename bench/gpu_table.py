@@ -71,9 +71,13 @@ def _diff(now: dict, before: dict) -> dict:
 
 
 def print_breakdown(d: Path) -> None:
-    """Per level: the stepping thread (engine.step wall, GPU included), handing tokens to the sender, the sender's
-    IPC per response (ResponseSender.send), the character-boundary decode, postprocessing's execute."""
-    print("\n| served | streams | steps/s | tokens/step | step ms | stepper busy | hand-off µs/step | responses/s | "
+    """Per level, from the tensorrt_llm model's counters (TRTQWEN_PROFILE_DIR): the engine process's step (engine.step
+    wall, GPU included, as carried by each step message; steps = step messages, one per step that had news), the
+    hand-off (the stub's receiving thread taking a step message: tokens to their streams, the sender woken), the
+    sender's IPC per response (ResponseSender.send), the character-boundary decode, postprocessing's execute (none
+    in the torch ensemble: tensorrt_llm answers text_output itself)."""
+    print("\n| served | streams | steps/s | tokens/step | engine step ms | engine busy | "
+          "hand-off (receive step message) µs/step | responses/s | "
           "tokens/response | send µs/response | sender busy | detok µs/response | postprocessing µs/response |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for served in sorted(d.glob("served-*")):

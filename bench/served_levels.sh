@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One served repository swept level by level, the python models' counters copied after each level (the breakdown of
 # docs/PERFORMANCE.md §7; `python bench/gpu_table.py <dir above OUT>` prints it; OUT's name must start with served-).
+# The torch runtime's tensorrt_llm model runs its engine in a process of its own (pyzmq, started with the serving
+# Python): its counters are the receiving side's (engine step wall per step message, the hand-off, detok, send).
 # Usage: bash bench/served_levels.sh REPO TOKENIZER_DIR OUT
 #   env: TRT (the trtqwen command, default trtqwen), LEVELS (default "1 8 32 64"), DURATION (s per level, 15),
 #        INPUT_LEN, OUTPUT_LEN (tokens, 128 each)
@@ -19,3 +21,11 @@ for c in ${LEVELS:-1 8 32 64}; do
   cp "$prof"/*.json "$out/c$c/"
 done
 $TRT serve "$repo" --stop
+# The model's engine process (trtqwen/runtime/engine/core.py) dies with its stub; the next repository's engine sizes
+# its KV cache from the GPU memory left free, so wait until this repository's (its checkpoint in the command) is gone.
+ckpt=$(sed -n 's/.*string_value: "\(.*\/checkpoint[^"]*\)".*/\1/p' "$repo"/tensorrt_llm/config.pbtxt 2>/dev/null | head -1)
+engine="trtqwen.runtime.engine.core .*$ckpt"
+for _ in $(seq 60); do pgrep -f -- "$engine" >/dev/null || break; sleep 0.5; done
+if pgrep -f -- "$engine" >/dev/null; then
+  echo "warning: an engine process outlived the server: $(pgrep -af -- "$engine" | cut -c1-160)" >&2
+fi

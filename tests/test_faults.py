@@ -133,6 +133,82 @@ def test_a_killed_stub_fails_its_streams_and_is_loaded_again_every_time(own_serv
     assert log_of(repo).count("loaded again") >= 3, log_of(repo)
 
 
+def test_a_killed_engine_process_ends_its_streams_at_once_and_a_new_one_answers(own_server):
+    """The engine core runs in a process of its own (runtime/engine/core.py): kill -9 it with a stream in flight and
+    the client gets the error within a second (not after its idle timeout), and the next request is answered."""
+    from trtqwen.serve.process import parent
+
+    url, repo, ports = own_server
+    (stub,) = stub_pids(repo, "tensorrt_llm")
+    (engine,) = [pid for pid, cmd in processes() if b"trtqwen.runtime.engine.core" in b" ".join(cmd)
+                 and parent(pid) == stub]
+    outcome = {}
+
+    def user():
+        try:
+            for _ in TritonLLMClient(url, idle_timeout=30).stream(
+                    "Tell me a long story.", GenerationParams(max_tokens=400, min_tokens=400, stop_words=[])):
+                outcome.setdefault("first", time.monotonic())
+        except UserError as e:
+            outcome["error"], outcome["at"] = e.message, time.monotonic()
+
+    th = threading.Thread(target=user)
+    th.start()
+    wait_for(lambda: "first" in outcome, 30)
+    killed = time.monotonic()
+    os.kill(engine, signal.SIGKILL)
+    th.join(30)
+    assert "engine process died" in outcome.get("error", ""), outcome
+    assert outcome["at"] - killed < 2.0, outcome  # 0.1 s polling; the rest is the response's way out
+    wait_for(lambda: answers(url), 60)
+    assert stub_pids(repo, "tensorrt_llm") == [stub]  # the model stayed loaded: only its engine was replaced
+
+
+def test_stream_interval_sends_a_response_every_n_tokens(own_server):
+    """`package --stream-interval 4` writes the parameter; served, each streamed response of tensorrt_llm carries 4
+    tokens (the last what is left). Loaded here into the running server with its admin key, then put back."""
+    import re
+
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from conftest import infer_input
+
+    url, repo, ports = own_server
+    config = repo / "tensorrt_llm" / "config.pbtxt"
+    original = config.read_text()
+    key = (repo / admin.KEY_FILE).read_text()
+    load = f"http://127.0.0.1:{ports[0]}/v2/repository/models/tensorrt_llm/load"
+    interval = re.compile(r'(key: "stream_interval"\s*value \{\s*string_value: )"1"')
+    assert interval.search(original)
+    try:
+        config.write_text(interval.sub(r'\1"4"', original))
+        assert http_status(load, data=b"{}", headers={admin.HEADER: key}, timeout=120) == 200
+        sizes, done = [], threading.Event()
+
+        def on_response(result, error):
+            assert error is None, error
+            sizes.append(result.as_numpy("output_ids").size)
+            if result.get_response().parameters.get("triton_final_response").bool_param:
+                done.set()
+
+        c = grpcclient.InferenceServerClient(url)
+        c.start_stream(on_response)
+        c.async_stream_infer("tensorrt_llm", [
+            infer_input("input_ids", np.array([[9707, 11, 1879]], np.int32)),
+            infer_input("input_lengths", np.array([[3]], np.int32)),
+            infer_input("request_output_len", np.array([[14]], np.int32)),
+            infer_input("min_tokens", np.array([[14]], np.int32)),
+            infer_input("streaming", np.array([[True]]))], enable_empty_final_response=True)
+        assert done.wait(60)
+        c.stop_stream()
+        tokens = [n for n in sizes if n]
+        assert sum(tokens) == 14 and tokens[:3] == [4, 4, 4], sizes
+    finally:
+        config.write_text(original)
+        http_status(load, data=b"{}", headers={admin.HEADER: key}, timeout=120)
+    wait_for(lambda: answers(url), 60)
+
+
 def test_a_model_that_cannot_load_again_makes_the_server_not_ready_until_it_can(own_server):
     """The checkpoint is gone when the stub dies: the server says not ready (what nginx and Kubernetes act on)
     within seconds instead of ready-and-refusing; the checkpoint back, the retries bring the model back."""
@@ -251,10 +327,19 @@ def test_supervisor_judges_stubs_by_pid_and_retries_a_failed_reload_with_backoff
     sup.watch()
     assert reloads == []  # alive, whatever its cmdline read
 
-    scans = iter([{"m": [zombie.pid]}])
     outcomes = iter(["HTTP 400: load failed", "HTTP 400: load failed", None])
     attempts = []
-    monkeypatch.setattr(sup, "reload", lambda model, old: attempts.append(time.time()) or next(outcomes))
+    loaded = []  # the stubs a successful load started
+    monkeypatch.setattr(sup, "scan", lambda: {"m": loaded or [zombie.pid]})
+
+    def reload(model, old):
+        attempts.append(time.time())
+        why = next(outcomes)
+        if why is None:
+            loaded.append(live.pid)
+        return why
+
+    monkeypatch.setattr(sup, "reload", reload)
     monkeypatch.setattr(supervisor, "BACKOFF_MAX_S", 0.2)
     sup.proc = Server(200)
     sup.watch()

@@ -181,6 +181,8 @@ def package(
                                                "both); instances: one tritonserver, one model instance per replica"),
     kv_cache_free_gpu_mem_fraction: Optional[float] = typer.Option(None, help="default: from the build's plan"),
     streaming: bool = typer.Option(True, "--streaming/--no-streaming", help="decoupled (streaming) models"),
+    stream_interval: int = typer.Option(1, help="torch runtime: a streamed response every N tokens (fewer responses "
+                                                "under load; TensorRT-LLM's and vLLM's stream_interval)"),
     force: bool = typer.Option(False, help="replace an existing repository"),
 ):
     """Write a Triton model repository (ensemble, preprocessing, tensorrt_llm, postprocessing, tensorrt_llm_bls)."""
@@ -188,7 +190,8 @@ def package(
 
     path = generate_repo(build_dir, out, runtime=runtime, max_batch_size=max_batch_size, replicas=replicas, gpus=gpus,
                          layout=layout,
-                         kv_cache_free_gpu_mem_fraction=kv_cache_free_gpu_mem_fraction, streaming=streaming, force=force)
+                         kv_cache_free_gpu_mem_fraction=kv_cache_free_gpu_mem_fraction, streaming=streaming, force=force,
+                         stream_interval=stream_interval)
     record = read_record(path)
     console.print(f"model repository ({record['runtime']} runtime) at [bold]{path}[/]")
     for note in record.get("notes", []):
@@ -315,28 +318,43 @@ def smoke(
 @command
 def bench(
     url: str = TRITON_URL,
-    model: str = TRITON_MODEL,
+    model: Optional[str] = typer.Option(None, help="Triton model (default ensemble: ensemble or tensorrt_llm_bls); "
+                                                   "with --openai the model name the API serves (default: the one "
+                                                   "/v1/models lists)"),
+    openai: Optional[str] = typer.Option(None, "--openai", metavar="URL",
+                                         help="sweep an OpenAI-compatible server instead of Triton's gRPC (e.g. "
+                                              "http://127.0.0.1:9000 from `trtqwen openai`): streamed /v1/completions, "
+                                              "ignore_eos, one connection per user; --url is then unused"),
+    api_key: Optional[str] = typer.Option(None, envvar="TRTQWEN_API_KEY", show_envvar=True,
+                                          help="with --openai: the server's API key"),
     concurrency: str = typer.Option("1,2,4,8,16,32", help="comma-separated concurrency sweep"),
     input_len: int = typer.Option(128, help="prompt length in tokens (exact, with --tokenizer)"),
     output_len: int = typer.Option(64, help="output tokens per request (fixed: min_tokens = max_tokens)"),
     duration: float = typer.Option(20, help="seconds per concurrency level"),
     warmup: int = typer.Option(2, help="warm-up requests before measuring"),
     tokenizer: Optional[Path] = typer.Option(None, help="the served tokenizer dir (e.g. engines/<build>/tokenizer)"),
-    metrics_url: Optional[str] = typer.Option(None, help="metrics address host:port (default: gRPC port + 1)"),
+    metrics_url: Optional[str] = typer.Option(None, help="metrics address host:port (default: gRPC port + 1; with "
+                                                         "--openai: none unless given)"),
     out: Path = typer.Option(Path("bench-results"), help="directory for JSON, CSV and PNG"),
     compare: Optional[Path] = typer.Option(None, "--compare", help="an earlier bench JSON to compare with"),
 ):
-    """Load-test a served model over a concurrency sweep; JSON, CSV and a PNG plot; --compare with an earlier run."""
+    """Load-test a served model over a concurrency sweep (Triton gRPC, or --openai URL); JSON, CSV and a PNG plot;
+    --compare with an earlier run (of either kind)."""
     from trtqwen.clients import bench as bench_mod
 
     try:
         levels = [int(x) for x in concurrency.split(",") if x.strip()]
     except ValueError:
         raise UserError(f"--concurrency {concurrency!r} is not a list of integers", "e.g. --concurrency 1,2,4,8") from None
-    r = bench_mod.run_bench(url, model, levels, input_len, output_len, duration, warmup,
-                            str(tokenizer) if tokenizer else None, metrics_url,
-                            progress=lambda lv: err.print(f"[dim]{lv['concurrency']} users: {lv['requests']} requests, "
-                                                          f"{lv['total_tok_s']:.1f} tok/s total, {lv['errors']} errors[/]"))
+    progress = lambda lv: err.print(f"[dim]{lv['concurrency']} users: {lv['requests']} requests, "  # noqa: E731
+                                    f"{lv['total_tok_s']:.1f} tok/s total, {lv['errors']} errors[/]")
+    if openai is not None:
+        r = bench_mod.run_bench_openai(openai, model, levels, input_len, output_len, duration, warmup,
+                                       str(tokenizer) if tokenizer else None, metrics_url, progress=progress,
+                                       api_key=api_key)
+    else:
+        r = bench_mod.run_bench(url, model or "ensemble", levels, input_len, output_len, duration, warmup,
+                                str(tokenizer) if tokenizer else None, metrics_url, progress=progress)
     print(bench_mod.format_table(r))
     files = bench_mod.write_reports(r, out)
     console.print("wrote " + ", ".join(str(p) for p in files.values()))

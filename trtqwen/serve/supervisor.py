@@ -197,6 +197,13 @@ class Supervisor:
         while self.proc.poll() is None and not self.stopping.is_set():
             for model, pids in known.items():
                 gone = [p for p in pids if not alive(p)]
+                if gone and model not in failing:
+                    fresh = [p for p in self.scan().get(model, []) if p not in pids and alive(p)]
+                    if fresh:  # loaded again through the admin API (with the key): adopt its new stubs
+                        self.forget(gone)
+                        known[model] = [p for p in pids if p not in gone] + fresh
+                        self.say(f"{model}: reloaded by an admin request, stubs {known[model]}")
+                        continue
                 # not live: the server is shutting down, its stubs with it
                 if gone and model not in failing and http_status(f"{self.base}/v2/health/live") == 200:
                     self.say(f"{model}: {len(gone)} of {len(pids)} stub(s) gone ({', '.join(map(str, gone))}); "

@@ -63,6 +63,9 @@ def postprocessing_config(s: RepoSettings) -> mc.ModelConfig:
     return _params(c, {"tokenizer_dir": s.tokenizer_dir, "skip_special_tokens": _b(s.skip_special_tokens)})
 
 
+ENGINE_HANG_TIMEOUT_S = 60
+
+
 def _trtllm_common_params(s: RepoSettings) -> dict[str, str]:
     return {
         "max_beam_width": s.max_beam_width,
@@ -109,6 +112,8 @@ def tensorrt_llm_torch_config(s: RepoSettings) -> mc.ModelConfig:
         "end_id": s.end_id,
         "pad_id": s.pad_id,
         "trtqwen_src": s.trtqwen_src,
+        "stream_interval": s.stream_interval,  # TensorRT-LLM's and vLLM's: a streamed response every N tokens
+        "engine_hang_timeout_s": ENGINE_HANG_TIMEOUT_S,  # an engine process silent this long with requests open: hung
     })
 
 

@@ -34,7 +34,8 @@ PYTHON_MODELS = {
     BLS: {"model.py": MODEL_SOURCES / "tensorrt_llm_bls" / "model.py", "trtqwen_text.py": HERE / "text.py",
           "trtqwen_interface.py": HERE / "interface.py"},
 }
-TORCH_MODEL = {"model.py": MODEL_SOURCES / "tensorrt_llm_torch" / "model.py", "trtqwen_text.py": HERE / "text.py"}
+TORCH_MODEL = {"model.py": MODEL_SOURCES / "tensorrt_llm_torch" / "model.py", "trtqwen_text.py": HERE / "text.py",
+               "trtqwen_request.py": HERE / "torch_request.py"}
 
 
 def _server_running(out: Path) -> int | None:
@@ -71,7 +72,8 @@ def _tokenizer_dir(build_dir: Path, manifest: dict) -> Path:
 def generate_repo(build_dir: Path, out: Path, runtime: str = "torch", max_batch_size: int | None = None,
                   replicas: int = 1, gpus: str | None = None, layout: str = "servers",
                   kv_cache_free_gpu_mem_fraction: float | None = None, streaming: bool = True,
-                  force: bool = False, llmapi_model_src: Path | None = None, serving: dict | None = None) -> Path:
+                  force: bool = False, llmapi_model_src: Path | None = None, serving: dict | None = None,
+                  stream_interval: int = 1) -> Path:
     """Write the model repository for `build_dir` into `out`; returns `out`.
 
     `serving` is what an engine will meet where it is served ({tensorrt_llm, tensorrt, compute_capability}; default:
@@ -103,7 +105,7 @@ def generate_repo(build_dir: Path, out: Path, runtime: str = "torch", max_batch_
     settings = resolve_settings(build_dir, manifest, spec, runtime, model_dir, max_batch_size=max_batch_size,
                                 replicas=replicas, gpus=gpus, layout=layout,
                                 kv_cache_free_gpu_mem_fraction=kv_cache_free_gpu_mem_fraction,
-                                streaming=streaming)
+                                streaming=streaming, stream_interval=stream_interval)
 
     with publishing(out) as tmp:
         for name, config in model_configs(settings).items():

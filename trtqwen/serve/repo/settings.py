@@ -50,6 +50,7 @@ class RepoSettings:
     add_special_tokens: bool = False  # prompts arrive already formatted (ChatML); Qwen adds no BOS anyway
     skip_special_tokens: bool = True
     trtqwen_src: str = ""  # where the torch model finds `trtqwen` if it is not installed in the stub's Python
+    stream_interval: int = 1  # torch runtime: a streamed response every N tokens (TensorRT-LLM's and vLLM's name)
 
     @property
     def instances(self) -> int:
@@ -159,7 +160,8 @@ def gpu_groups(replicas: int, tp: int, gpus: str | None = None) -> tuple[tuple[i
 
 def resolve_settings(build_dir: Path, manifest: dict, spec: BuildSpec, runtime: str, model_dir: Path, *,
                      max_batch_size: int | None, replicas: int = 1, gpus: str | None = None, layout: str = "servers",
-                     kv_cache_free_gpu_mem_fraction: float | None, streaming: bool) -> RepoSettings:
+                     kv_cache_free_gpu_mem_fraction: float | None, streaming: bool,
+                     stream_interval: int = 1) -> RepoSettings:
     """Settings from build.json's spec and plan; an option given explicitly wins over the build's value."""
     plan = manifest.get("plan") or {}
     batch = spec.max_batch_size if max_batch_size is None else max_batch_size
@@ -180,6 +182,8 @@ def resolve_settings(build_dir: Path, manifest: dict, spec: BuildSpec, runtime: 
     if not 0 < fraction <= 1:
         raise UserError(f"kv_cache_free_gpu_mem_fraction must be in (0, 1], got {fraction}",
                         "it is the share of the GPU memory left after the weights that the KV cache takes")
+    if stream_interval < 1:
+        raise UserError(f"stream_interval must be at least 1, got {stream_interval}", "1 sends every token as it comes")
     tokenizer_dir = (build_dir / manifest.get("tokenizer_dir", "tokenizer")).resolve()
     end_id, pad_id = special_token_ids(tokenizer_dir)
     paged = engine_features(spec)["paged_context_fmha"] if runtime == "trtllm" else True
@@ -187,6 +191,7 @@ def resolve_settings(build_dir: Path, manifest: dict, spec: BuildSpec, runtime: 
         runtime=runtime, max_batch_size=int(batch), max_input_len=spec.max_input_len,
         max_seq_len=spec.max_seq_len, max_num_tokens=spec.max_num_tokens, tp=spec.tp,
         gpu_groups=groups, layout=layout, kv_cache_free_gpu_mem_fraction=float(fraction), streaming=bool(streaming),
+        stream_interval=int(stream_interval),
         model_dir=str(model_dir.resolve()), tokenizer_dir=str(tokenizer_dir), end_id=end_id, pad_id=pad_id,
         enable_kv_cache_reuse=paged, enable_chunked_context=paged,
         trtqwen_src=str(Path(__file__).resolve().parents[3]),

@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from trtqwen.qwen_tokenizer import EOS_ID, PAD_ID
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 64
@@ -21,8 +24,8 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     min_tokens: int = 0
-    end_id: int | None = 151645  # <|im_end|>
-    pad_id: int = 151643  # <|endoftext|>
+    end_id: int | None = EOS_ID  # <|im_end|>
+    pad_id: int = PAD_ID  # <|endoftext|>
     stop_words: list[list[int]] = field(default_factory=list)
 
     @property

@@ -69,6 +69,7 @@ class TritonPythonModel:
             import trtqwen  # noqa: F401
         except ImportError:  # not installed in the stub's Python: use the source the repository was made from
             sys.path.insert(0, param("trtqwen_src", ""))
+        from trtqwen.qwen_tokenizer import EOS_ID, PAD_ID
         from trtqwen.runtime.engine.client import EngineClient, EngineUnavailable
         from trtqwen.runtime.engine.core import EngineSpec
         from trtqwen.runtime.layers.sampler import SamplingParams
@@ -76,8 +77,8 @@ class TritonPythonModel:
         self.SamplingParams, self.EngineUnavailable = SamplingParams, EngineUnavailable
         self.max_input_len = int(param("max_input_len"))
         self.max_seq_len = int(param("max_seq_len"))
-        self.end_id = int(param("end_id", "151645"))
-        self.pad_id = int(param("pad_id", "151643"))
+        self.end_id = int(param("end_id", str(EOS_ID)))
+        self.pad_id = int(param("pad_id", str(PAD_ID)))
         self.exclude_input_default = as_bool(param("exclude_input_in_output"), False)
         self.stream_interval = max(1, int(param("stream_interval", "1")))
         device, gpus = self._devices(args, param("gpu_device_ids", "0"))

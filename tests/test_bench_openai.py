@@ -202,3 +202,69 @@ def test_openai_triton_down_is_503():
         with pytest.raises(openai.APIStatusError) as e:
             c.completions.create(model="qwen2.5", prompt="x", max_tokens=2)
         assert e.value.status_code == 503 and e.value.body["code"] == "service_unavailable"
+
+
+# --- bench --openai: the same sweep through the proxy -----------------------------------------------------------------
+def test_bench_openai_sweep(served, proxy, tmp_path):
+    from typer.testing import CliRunner
+
+    from trtqwen.cli import app
+    from trtqwen.clients import bench
+
+    t0 = time.time()
+    result = bench.run_bench_openai(f"http://127.0.0.1:{proxy}", concurrency=[1, 3], input_len=24, output_len=10,
+                                    duration_s=2, warmup=1, tokenizer_dir=served.tokenizer,
+                                    http_metrics_url=served.metrics_url, max_requests_per_level=100)
+    assert time.time() - t0 < 60
+    meta = result["meta"]
+    assert meta["api"] == "openai-completions" and meta["model"] == "qwen2.5" and meta["fixed_output_len"]
+    assert meta["url"] == f"http://127.0.0.1:{proxy}/v1" and meta["input_len_exact"]
+    assert [lv["concurrency"] for lv in result["levels"]] == [1, 3]
+    for lv in result["levels"]:
+        assert lv["errors"] == 0, lv["error_samples"]
+        assert lv["requests"] >= lv["concurrency"] and lv["requests_without_usage"] == 0
+        assert lv["output_tokens_per_request"]["min"] == lv["output_tokens_per_request"]["max"] == 10  # ignore_eos
+        assert lv["input_tokens_per_request"]["min"] == lv["input_tokens_per_request"]["max"] == 24  # usage's count
+        assert lv["output_tokens"] == 10 * lv["requests"]
+        ttft, latency = lv["ttft_s"], lv["latency_s"]
+        # each request's TTFT ≤ its whole time, so every percentile is too; no request outlasts its level
+        assert 0 < ttft["p50"] <= latency["p50"] and ttft["p99"] <= latency["p99"] <= lv["elapsed_s"]
+        assert 0 < lv["itl_s"]["p50"] <= lv["itl_s"]["p99"] and lv["tpot_s"]["p50"] > 0
+        assert lv["total_tok_s"] == pytest.approx(lv["output_tokens"] / lv["elapsed_s"]) and lv["user_tok_s"]["p50"] > 0
+        assert lv["memory_bytes"].get("cpu_memory_used_bytes", 0) > 0  # Triton's metrics, given explicitly
+    table = bench.format_table(result)
+    assert "OpenAI" in table and "TTFT p95" in table and len(table.splitlines()) >= 5
+    paths = bench.write_reports(result, tmp_path)
+    assert json.loads(paths["json"].read_text())["meta"]["api"] == "openai-completions"
+    assert len(paths["csv"].read_text().strip().splitlines()) == 3
+
+    # the command: --openai URL, the model learned from /v1/models, --compare against the run above
+    out = tmp_path / "cli"
+    r = CliRunner().invoke(app, ["bench", "--openai", f"127.0.0.1:{proxy}", "--concurrency", "3", "--duration", "1",
+                                 "--input-len", "8", "--output-len", "4", "--warmup", "1", "--out", str(out),
+                                 "--compare", str(paths["json"])])
+    assert r.exit_code == 0, r.output
+    assert "qwen2.5 @ http://127.0.0.1" in r.output and "total_tok_s" in r.output
+    level = json.loads((out / "bench.json").read_text())["levels"][0]
+    assert level["errors"] == 0 and level["output_tokens_per_request"]["max"] == 4
+
+
+def test_bench_openai_rejects_bad_input(served, proxy):
+    from trtqwen.clients import bench
+    from trtqwen.clients.openai import make_app
+
+    url = f"http://127.0.0.1:{proxy}"
+    with pytest.raises(UserError, match="cannot reach an OpenAI-compatible server"):
+        bench.run_bench_openai(f"127.0.0.1:{free_ports(1)[0]}", concurrency=[1], duration_s=1)
+    with pytest.raises(UserError, match="'nope' is not served .*qwen2.5"):
+        bench.run_bench_openai(url, model="nope", concurrency=[1], duration_s=1)
+    with pytest.raises(UserError, match="concurrency"):
+        bench.run_bench_openai(url, concurrency=[2, 0], duration_s=1)
+    with pytest.raises(UserError, match="OpenAI-compatible"):  # Triton's own HTTP port is no OpenAI server
+        bench.run_bench_openai(f"127.0.0.1:{served.http}", concurrency=[1], duration_s=1)
+    with serve_app(make_app(served.url, api_key="k")) as port:
+        with pytest.raises(UserError, match="API key"):
+            bench.run_bench_openai(f"127.0.0.1:{port}", concurrency=[1], duration_s=1)
+    with serve_app(make_app(f"127.0.0.1:{free_ports(1)[0]}")) as port:  # a proxy whose Triton is away
+        with pytest.raises(UserError, match="warm-up request failed: HTTP 503"):
+            bench.run_bench_openai(f"127.0.0.1:{port}", concurrency=[1], duration_s=1)

@@ -50,16 +50,17 @@ def served_tiny(tiny_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("served")
     run_build(BuildSpec.request(str(tiny_dir), precision="bf16"), out=root / "build", until="checkpoint")
     repo = generate_repo(root / "build", root / "repo", runtime="torch")
-    with serving(repo) as (grpc, http, _):
+    # the engine's test hook on (TRTQWEN_TEST_FAULTS: only a request id made for it fails; tests/test_bad_requests.py)
+    with serving(repo, env={"TRTQWEN_TEST_FAULTS": "1"}) as (grpc, http, _):
         yield grpc, http, repo
 
 
 @contextlib.contextmanager
-def serving(repo, models=("ensemble", "tensorrt_llm_bls"), timeout: float = 180):
+def serving(repo, models=("ensemble", "tensorrt_llm_bls"), timeout: float = 180, env: dict | None = None):
     """A real tritonserver for repo on free ports: yields (grpc url, http url, ports); stopped on exit."""
     from trtqwen.serve import server
     ports = free_ports(3)
-    server.start(repo, list(models), "127.0.0.1", *ports, timeout=timeout)
+    server.start(repo, list(models), "127.0.0.1", *ports, timeout=timeout, env=env)
     try:
         yield f"127.0.0.1:{ports[1]}", f"127.0.0.1:{ports[0]}", ports
     finally:

@@ -20,7 +20,7 @@ import urllib.request
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from conftest import free_ports, infer_input
+from conftest import infer_input
 
 from trtqwen.clients.client import GenerationParams, RequestRejected, TritonLLMClient, server_error
 from trtqwen.serve.repo.text import BAD_REQUEST
@@ -31,27 +31,6 @@ NAN, INF = float("nan"), float("inf")
 VOCAB = 151936  # the tiny model's (Qwen2.5's padded vocabulary)
 INT32_MIN = -(2**31)
 FAULT = "trtqwen-test-fault-at-"  # with TRTQWEN_TEST_FAULTS=1: this request id breaks the engine step (model.py)
-
-
-@pytest.fixture(scope="module")
-def served_tiny(tiny_dir, module_tmp):
-    """This module's own tiny server in place of the session's (one server either way), with the engine's test hook
-    on: TRTQWEN_TEST_FAULTS=1 in its environment."""
-    from trtqwen.build.pipeline import run_build
-    from trtqwen.build.spec import BuildSpec
-    from trtqwen.serve import server
-    from trtqwen.serve.repo import generate_repo
-
-    root = module_tmp("poison")
-    run_build(BuildSpec.request(str(tiny_dir), precision="bf16"), out=root / "build", until="checkpoint")
-    repo = generate_repo(root / "build", root / "repo", runtime="torch")
-    ports = free_ports(3)
-    server.start(repo, ["ensemble", "tensorrt_llm_bls"], "127.0.0.1", *ports, timeout=180,
-                 env={"TRTQWEN_TEST_FAULTS": "1"})
-    try:
-        yield f"127.0.0.1:{ports[1]}", f"127.0.0.1:{ports[0]}", repo
-    finally:
-        server.stop(repo)
 
 
 def error_of(url: str, model: str, inputs: dict, parameters: dict | None = None) -> str | None:

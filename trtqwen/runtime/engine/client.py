@@ -65,17 +65,19 @@ class EngineClient:
 
     # --- the process -----------------------------------------------------------------------------------------
     def _start(self) -> None:
-        """A fresh engine process on fresh sockets; returns once it is ready, or raises its load error."""
+        """A fresh engine process on fresh sockets; returns once it is ready, or raises its load error. The lock is
+        held only to swap the sockets: adding and cancelling are refused (not blocked) while it loads."""
         self.starting.set()
-        self.dir = tempfile.mkdtemp(prefix="trtqwen-engine-")  # 0700: nobody else may send it pickles
-        requests_addr, steps_addr = addresses(self.dir)
-        self.requests, self.steps = self.ctx.socket(self.zmq.PUSH), self.ctx.socket(self.zmq.PULL)
-        self.requests.setsockopt(self.zmq.SNDHWM, 0)  # never block a Triton thread on a full queue
-        self.steps.setsockopt(self.zmq.RCVHWM, 0)
-        self.requests.bind(requests_addr)
-        self.steps.bind(steps_addr)
-        self.proc = subprocess.Popen([python_executable(), "-m", "trtqwen.runtime.engine.core",
-                                      json.dumps(asdict(self.spec)), self.dir, str(os.getpid())], env=child_env())
+        with self.lock:
+            self.dir = tempfile.mkdtemp(prefix="trtqwen-engine-")  # 0700: nobody else may send it pickles
+            requests_addr, steps_addr = addresses(self.dir)
+            self.requests, self.steps = self.ctx.socket(self.zmq.PUSH), self.ctx.socket(self.zmq.PULL)
+            self.requests.setsockopt(self.zmq.SNDHWM, 0)  # never block a Triton thread on a full queue
+            self.steps.setsockopt(self.zmq.RCVHWM, 0)
+            self.requests.bind(requests_addr)
+            self.steps.bind(steps_addr)
+            self.proc = subprocess.Popen([python_executable(), "-m", "trtqwen.runtime.engine.core",
+                                          json.dumps(asdict(self.spec)), self.dir, str(os.getpid())], env=child_env())
         deadline = time.time() + LOAD_TIMEOUT_S
         while True:
             if self.steps.poll(POLL_MS):
@@ -84,11 +86,13 @@ class EngineClient:
                     self.info = payload
                     self.starting.clear()
                     return
-                self._stop_process()
+                with self.lock:
+                    self._stop_process()
                 raise RuntimeError(f"the engine process could not start: {payload}")
             if self.proc.poll() is not None or time.time() > deadline:
                 code = self.proc.poll()
-                self._stop_process()
+                with self.lock:
+                    self._stop_process()
                 raise RuntimeError(f"the engine process {'exited with code ' + str(code) if code is not None else 'did not load in time'} "
                                    "before it was ready (its output is in the server log)")
 
@@ -110,8 +114,7 @@ class EngineClient:
         delay = 1.0
         while self.running:
             try:
-                with self.lock:
-                    self._start()
+                self._start()
                 self.log(f"a new engine process is ready (pid {self.proc.pid})")
                 return
             except RuntimeError as e:
@@ -121,6 +124,8 @@ class EngineClient:
 
     # --- requests ----------------------------------------------------------------------------------------------
     def add(self, rid: str, prompt: list[int], params, fault_at: int | None = None) -> None:
+        if self.starting.is_set():
+            raise EngineUnavailable("the engine is starting again after a failure: retry in a moment")
         with self.lock:
             if self.starting.is_set():
                 raise EngineUnavailable("the engine is starting again after a failure: retry in a moment")
@@ -128,6 +133,8 @@ class EngineClient:
             self.requests.send_pyobj(("add", rid, prompt, params, fault_at))
 
     def cancel(self, rid: str) -> None:
+        if self.starting.is_set():
+            return  # its request failed with the engine that had it
         with self.lock:
             if rid in self.open and not self.starting.is_set():
                 self.requests.send_pyobj(("cancel", rid))

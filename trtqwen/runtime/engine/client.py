@@ -13,15 +13,14 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Callable
 
 from trtqwen.runtime.engine.core import EngineSpec, Update, addresses
+from trtqwen.runtime.subprocesses import child_env, python_executable
 
 POLL_MS = 100
 LOAD_TIMEOUT_S = 3600.0  # a 7B checkpoint compiles and captures its graphs in minutes
@@ -29,17 +28,6 @@ LOAD_TIMEOUT_S = 3600.0  # a 7B checkpoint compiles and captures its graphs in m
 
 class EngineUnavailable(RuntimeError):
     """The engine process is being (re)started: nothing can be added now."""
-
-
-def python_executable() -> str:
-    """This interpreter (inside Triton's python backend sys.executable is the stub: take the env's python)."""
-    exe = Path(sys.executable)
-    return str(exe) if exe.name.startswith("python") else str(Path(sys.prefix) / "bin" / "python3")
-
-
-def child_env() -> dict:
-    src = str(Path(__file__).resolve().parents[3])  # the child imports this checkout's trtqwen, installed or not
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [src, os.environ.get("PYTHONPATH", "")] if p)}
 
 
 class EngineClient:

@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from trtqwen.errors import UserError
+
 PR_SET_PDEATHSIG = 1
 IDLE_POLL_MS = 50
 
@@ -98,8 +100,6 @@ class Core:
 
     def handle(self, msg: tuple) -> bool:
         """One message from the frontend; False for a stop."""
-        from trtqwen.errors import UserError
-
         kind = msg[0]
         if kind == "add":
             _, rid, prompt, params, fault_at = msg

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from trtqwen.errors import UserError
 from trtqwen.runtime.engine.model_runner import GraphedDecode
 from trtqwen.runtime.models.qwen2 import KVCache
+from trtqwen.runtime.subprocesses import child_env, python_executable
 from trtqwen.runtime.tp.channel import INIT_TIMEOUT_S, TPError, join, send_command
 from trtqwen.checkpoint import is_trtllm_checkpoint
 from trtqwen.runtime.tp.shards import CheckpointShards, HfShards, Rank, RandomShards, RankModel, load_shard, source_arg
@@ -45,7 +46,7 @@ class TPModel:
         opts = dict(dtype=str(dtype).removeprefix("torch.") if dtype else "", max_positions=max_positions or "",
                     int4_kernels="" if int4_kernels is None else str(int(int4_kernels)))
         for r in range(1, self.tp):
-            cmd = [_python(), "-m", "trtqwen.runtime.tp.worker", source_arg(source), "--rank", str(r), "--tp", str(self.tp),
+            cmd = [python_executable(), "-m", "trtqwen.runtime.tp.worker", source_arg(source), "--rank", str(r), "--tp", str(self.tp),
                    "--port", str(store.port), "--device", self.devices[r]] + [
                    x for k, v in opts.items() if v != "" for x in (f"--{k.replace('_', '-')}", str(v))]
             self.procs.append(subprocess.Popen(cmd, env=_worker_env(on_gpu, self.tp)))
@@ -248,20 +249,10 @@ def _devices(device: str, gpu_ids: list[int] | None, tp: int) -> list[str]:
     return [f"cuda:{i}" for i in ids]
 
 
-def _python() -> str:
-    """This interpreter (inside Triton's python backend sys.executable is the stub: take the env's python)."""
-    exe = Path(sys.executable)
-    return str(exe) if exe.name.startswith("python") else str(Path(sys.prefix) / "bin" / "python3")
-
-
 def _worker_env(on_gpu: bool, tp: int) -> dict:
-    src = str(Path(__file__).resolve().parents[2])  # workers import this checkout's trtqwen, installed or not
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [src, os.environ.get("PYTHONPATH", "")] if p)}
     if on_gpu:
-        env["NCCL_NVLS_ENABLE"] = "0"  # NVLink multicast off (FACTS §3)
-    else:
-        env["OMP_NUM_THREADS"] = str(_threads_per_rank(tp))
-    return env
+        return child_env(NCCL_NVLS_ENABLE="0")  # NVLink multicast off (FACTS §3)
+    return child_env(OMP_NUM_THREADS=str(_threads_per_rank(tp)))
 
 
 def _threads_per_rank(tp: int) -> int:
